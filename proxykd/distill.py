@@ -1,0 +1,64 @@
+"""Stage 4, distill: train the student on D_s with L = NLL + α · w · KL(π_proxy ‖ p_student) over
+the proxy's top-k support (Ray Train, the shared loop in `training.py`). With `distill.baseline`
+the same student is also trained with α = 0 (black-box KD: plain SFT on the teacher's text), the
+comparison every report shows.
+
+Layout: `distill/model` (Proxy-KD student), `distill/baseline/model`, each with metrics.jsonl and
+loss.png beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from proxykd import artifacts, training
+from proxykd.config import RunConfig, fingerprint
+from proxykd.models import check_same_vocab, materialize_model
+
+log = logging.getLogger("proxykd")
+
+
+def config_hash(cfg: RunConfig, logits_hash: str) -> str:
+    return fingerprint(logits_hash, cfg.student, cfg.distill, cfg.seed)
+
+
+def run(cfg: RunConfig, proxy_path: str, logits_hash: str) -> dict:
+    import ray
+
+    folder = artifacts.stage_dir(cfg.run_dir, "distill")
+    h = config_hash(cfg, logits_hash)
+    if artifacts.is_done(folder, h):
+        log.info("distill: done already (%s), skipped", folder)
+        return artifacts.read_manifest(folder)
+    started = time.time()
+    artifacts.begin_stage(folder, h)
+    student = materialize_model(cfg.student, Path(cfg.run_dir).resolve() / "models" / "student-init", cfg.seed + 1)
+    check_same_vocab(proxy_path, student)
+
+    shards = [str(f) for f in artifacts.shard_files(artifacts.stage_dir(cfg.run_dir, "logits"))]
+    columns = ["id", "input_ids", "response_start", "topk_ids", "topk_logprobs", "weight"]
+    d = cfg.distill
+    runs = {"proxykd": (folder, "kd" if d.alpha > 0 else "sft")}
+    if d.baseline:
+        runs["baseline"] = (folder / "baseline", "sft")
+    models, final_loss = {}, {}
+    for name, (out_dir, objective) in runs.items():
+        if not (out_dir / "model").exists():
+            log.info("distill: training the %s student (%s)", name, objective)
+            training.fit(
+                name=f"distill-{name}", objective=objective, model_path=student,
+                dataset=ray.data.read_parquet(shards, columns=columns),
+                out_dir=out_dir, train=d.train, resources=cfg.resources,
+                loss={"alpha": d.alpha, "sample_weighting": d.sample_weighting},
+            )
+            training.plot_metrics(out_dir)
+        models[name] = str(out_dir / "model")
+        metrics = training.read_metrics(out_dir)
+        final_loss[name] = metrics[-1] if metrics else None
+    return artifacts.write_manifest(
+        folder, "distill", h, started,
+        inputs={"logits": logits_hash, "proxy": proxy_path, "student_init": student},
+        models=models, final_step=final_loss,
+    )

@@ -1,0 +1,429 @@
+"""A local, OpenAI-compatible stand-in for the black-box teacher.
+
+`LocalTeacher` serves a fixed table of reference responses (prompt text -> response text) over
+the OpenAI HTTP API, so everything that talks to a teacher can run without an API key: tests,
+laptops, CI. It answers
+
+    GET  /v1/models             the one model it serves
+    GET  /v1/models/{model}     that model, or 404
+    POST /v1/chat/completions   keyed by the last user message (see `lookup_key`)
+    POST /v1/completions        keyed by `prompt`, exactly
+
+Unknown prompts get the `fallback` answer. "Tokens" are whitespace-separated words here: usage
+numbers count words, and `max_tokens` / `max_completion_tokens` truncate the answer to that many
+words (finish_reason "length"). No API key is needed and any `Authorization` header is accepted.
+
+    with LocalTeacher({"What is 2+2?": "4"}) as teacher:
+        client = openai.OpenAI(base_url=teacher.base_url, api_key="unused")
+
+From a shell (FILE has one {"prompt": ..., "response": ...} object per line):
+
+    python -m proxykd.local_teacher --responses FILE.jsonl [--port N] [--model NAME]
+
+Every completion request passes through `LocalTeacher._handle`, and every error is a `TeacherError`
+turned into an OpenAI-style error body by one exception handler; that is the place to add fault
+injection (latency, 429 with Retry-After, 5xx) later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = ["LocalTeacher", "TeacherError", "load_responses", "lookup_key", "main"]
+
+_WORD = re.compile(r"\S+")
+STARTUP_TIMEOUT_S = 10.0
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _text(content: Any) -> str:
+    """Message content as plain text: a string, or the text parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return str(content)
+
+
+def lookup_key(messages: list[dict]) -> str:
+    """The table key for a chat request: the content of the last message whose role is "user",
+    stripped ("" when there is no user message)."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _text(message.get("content")).strip()
+    return ""
+
+
+def _count_words(text: str) -> int:
+    return sum(1 for _ in _WORD.finditer(text))
+
+
+def _truncate(text: str, max_words: Optional[int]) -> tuple[str, str]:
+    """(text cut to at most `max_words` words, finish_reason). Whitespace between the kept words
+    is preserved; trailing whitespace after the last kept word is dropped."""
+    if max_words is None:
+        return text, "stop"
+    for i, match in enumerate(_WORD.finditer(text)):
+        if i == max_words:
+            return text[: match.start()].rstrip(), "length"
+    return text, "stop"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def load_responses(path: str | Path) -> dict[str, str]:
+    """Read a JSONL file of {"prompt": str, "response": str} objects (blank lines are skipped; a
+    repeated prompt keeps its last response)."""
+    responses: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
+                raise ValueError(f'{path}:{lineno}: expected an object with string "prompt" and "response"')
+            responses[row["prompt"]] = row["response"]
+    return responses
+
+
+# ----------------------------------------------------------------------------- request schemas
+
+
+class _Lenient(BaseModel):
+    # The OpenAI API has many optional parameters (temperature, top_p, seed, user, ...); accept
+    # and ignore the ones this server does not act on.
+    model_config = ConfigDict(extra="allow")
+
+
+class _Message(_Lenient):
+    role: str
+    content: Any = None
+
+
+class _SamplingRequest(_Lenient):
+    model: str
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    stream: Optional[bool] = False
+
+
+class _ChatRequest(_SamplingRequest):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class _CompletionRequest(_SamplingRequest):
+    prompt: str
+
+
+class TeacherError(Exception):
+    """An error answered with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: Optional[str] = None,
+        param: Optional[str] = None,
+        headers: Optional[dict[str, str]] = None,
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status_code, headers=self.headers)
+
+
+def _parse(schema: type[BaseModel], body: Any) -> Any:
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise TeacherError(400, f"Invalid request: {param}: {err['msg']}", param=param) from None
+
+
+# -------------------------------------------------------------------------------------- server
+
+
+class LocalTeacher:
+    """An OpenAI-compatible HTTP server answering from a table of reference responses, run by
+    uvicorn in a background daemon thread."""
+
+    def __init__(
+        self,
+        responses: dict[str, str],
+        model: str = "local-teacher",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        fallback: str = "I don't know.",
+    ):
+        self.responses = dict(responses)
+        self.model = model
+        self.host = host
+        self.port = port
+        self.fallback = fallback
+        self.app = self._build_app()
+        self._lock = threading.Lock()
+        self._request_count = 0
+        self._created = int(time.time())
+        self._server: Optional[uvicorn.Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self._socket: Optional[socket.socket] = None
+        self._thread_error: Optional[BaseException] = None
+        self._base_url: Optional[str] = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Start serving in a daemon thread; return the base URL ("http://HOST:PORT/v1") once the
+        server accepts connections. Raises RuntimeError if it does not come up in time."""
+        if self._thread is not None:
+            raise RuntimeError(f"LocalTeacher is already running at {self._base_url}")
+        # Bind here, not in uvicorn: port=0 then yields the real port before serving starts, and a
+        # busy port raises OSError in the caller instead of silently killing the server thread.
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if sys.platform != "win32":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+        except OSError:
+            sock.close()
+            raise
+        port = sock.getsockname()[1]
+
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S / 2,
+        )
+        server = uvicorn.Server(config)
+        self._socket, self._server, self._thread_error = sock, server, None
+        self._thread = threading.Thread(target=self._serve, name=f"local-teacher:{port}", daemon=True)
+        self._thread.start()
+
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                error = self._thread_error
+                self.stop()
+                reason = f"the server thread died: {error!r}" if error else f"no answer after {STARTUP_TIMEOUT_S:.0f} s"
+                raise RuntimeError(f"LocalTeacher failed to start on {self.host}:{port}: {reason}") from error
+            time.sleep(0.01)
+
+        self._base_url = f"http://{self._url_host()}:{port}/v1"
+        return self._base_url
+
+    def _serve(self) -> None:
+        try:
+            self._server.run(sockets=[self._socket])
+        except BaseException as e:  # uvicorn reports startup failures with sys.exit
+            self._thread_error = e
+
+    def _url_host(self) -> str:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"[{host}]" if ":" in host else host
+
+    def stop(self) -> None:
+        """Shut the server down, free its port and join its thread. Safe to call more than once."""
+        thread, server, sock = self._thread, self._server, self._socket
+        if thread is None:
+            return
+        server.should_exit = True
+        thread.join(SHUTDOWN_TIMEOUT_S)
+        if thread.is_alive():  # a request is stuck: drop open connections without waiting
+            server.force_exit = True
+            thread.join(SHUTDOWN_TIMEOUT_S)
+        sock.close()  # uvicorn closes it on a clean shutdown; this covers failed starts
+        self._thread = self._server = self._socket = None
+
+    def __enter__(self) -> "LocalTeacher":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        if self._base_url is None:
+            raise RuntimeError("LocalTeacher has not been started")
+        return self._base_url
+
+    @property
+    def request_count(self) -> int:
+        """Completion requests (chat and text) received so far, including rejected ones."""
+        with self._lock:
+            return self._request_count
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="proxykd local teacher", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.exception_handler(TeacherError)
+        async def _teacher_error(request: Request, exc: TeacherError) -> JSONResponse:
+            return exc.response()
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+            # Unknown routes and wrong methods, OpenAI-style as well.
+            return TeacherError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
+        @app.get("/v1/models")
+        async def list_models() -> dict:
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{model:path}")
+        async def retrieve_model(model: str) -> dict:
+            self._check_model(model)
+            return self._model_card()
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request) -> dict:
+            return await self._handle(request, self._chat_completion)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> dict:
+            return await self._handle(request, self._text_completion)
+
+        return app
+
+    async def _handle(self, request: Request, answer) -> dict:
+        """Every completion request goes through here: count it, read its JSON body, answer it."""
+        with self._lock:
+            self._request_count += 1
+        try:
+            body = await request.json()
+        except ValueError:
+            raise TeacherError(400, "The request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise TeacherError(400, "The request body must be a JSON object.")
+        return answer(body)
+
+    def _model_card(self) -> dict:
+        return {"id": self.model, "object": "model", "created": self._created, "owned_by": "proxykd"}
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model:
+            raise TeacherError(
+                404,
+                f"The model `{model}` does not exist; this local teacher serves `{self.model}`.",
+                code="model_not_found",
+                param="model",
+            )
+
+    def _check_sampling(self, req: _SamplingRequest) -> None:
+        self._check_model(req.model)
+        if req.stream:
+            raise TeacherError(400, "Streaming is not supported by the local teacher.", param="stream")
+
+    def _chat_completion(self, body: dict) -> dict:
+        req = _parse(_ChatRequest, body)
+        self._check_sampling(req)
+        messages = [m.model_dump() for m in req.messages]
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        content, finish_reason = _truncate(self.responses.get(lookup_key(messages), self.fallback), max_tokens)
+        message = {"role": "assistant", "content": content, "refusal": None}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [
+                {"index": i, "message": dict(message), "logprobs": None, "finish_reason": finish_reason}
+                for i in range(req.n)
+            ],
+            "usage": _usage(sum(_count_words(_text(m["content"])) for m in messages), req.n * _count_words(content)),
+        }
+
+    def _text_completion(self, body: dict) -> dict:
+        req = _parse(_CompletionRequest, body)
+        self._check_sampling(req)
+        text, finish_reason = _truncate(self.responses.get(req.prompt, self.fallback), req.max_tokens)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason} for i in range(req.n)
+            ],
+            "usage": _usage(_count_words(req.prompt), req.n * _count_words(text)),
+        }
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m proxykd.local_teacher",
+        description="Serve a table of reference responses over the OpenAI API (a local stand-in teacher).",
+    )
+    parser.add_argument("--responses", required=True, help='JSONL file, one {"prompt": ..., "response": ...} per line')
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    parser.add_argument("--model", default="local-teacher", help="model name to serve (default: local-teacher)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    args = parser.parse_args(argv)
+
+    try:
+        responses = load_responses(args.responses)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    teacher = LocalTeacher(responses, model=args.model, host=args.host, port=args.port)
+    base_url = teacher.start()
+    print(f"local teacher serving {len(responses)} responses as model {args.model!r} at {base_url}", flush=True)
+    print("press Ctrl-C to stop", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        teacher.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Tests for proxykd.artifacts: manifests, stage (re)opening, shards, resume ids, atomic writes."""
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from proxykd import artifacts
+from proxykd.artifacts import (
+    begin_stage,
+    done_ids,
+    is_done,
+    read_manifest,
+    read_shards,
+    shard_files,
+    stage_dir,
+    write_manifest,
+    write_table_atomic,
+)
+
+
+def _table(ids, error=None):
+    cols = {"id": pa.array(ids, pa.string()), "value": pa.array(list(range(len(ids))), pa.int64())}
+    if error is not None:
+        cols["error"] = pa.array(error, pa.string())
+    return pa.table(cols)
+
+
+def test_stage_dir(tmp_path):
+    assert stage_dir(tmp_path / "run", "teacher") == (tmp_path / "run" / "teacher").resolve()
+
+
+def test_manifest_and_is_done(tmp_path):
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    assert read_manifest(folder) is None
+    assert not is_done(folder, "abc")
+
+    started = time.time() - 2.0
+    m = write_manifest(folder, "teacher", "abc", started, rows={"ok": 3})
+    assert is_done(folder, "abc")
+    assert not is_done(folder, "abd")
+    on_disk = json.loads((folder / "manifest.json").read_text())
+    assert on_disk == read_manifest(folder)
+    assert on_disk["stage"] == "teacher" and on_disk["config_hash"] == "abc"
+    assert on_disk["rows"] == {"ok": 3}
+    assert on_disk["seconds"] >= 2.0
+    assert "python" in on_disk["versions"]
+    assert m["config_hash"] == "abc"
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"]  # no temp file left
+
+
+def test_is_done_missing_folder(tmp_path):
+    assert not is_done(tmp_path / "does-not-exist", "abc")
+
+
+def test_begin_stage_removes_manifest(tmp_path):
+    folder = tmp_path / "logits"
+    begin_stage(folder, "h1")
+    write_manifest(folder, "logits", "h1", time.time())
+    assert is_done(folder, "h1")
+    begin_stage(folder, "h1")
+    assert not (folder / "manifest.json").exists()
+    assert not is_done(folder, "h1")
+
+
+def test_begin_stage_same_hash_keeps_partial_work(tmp_path):
+    folder = tmp_path / "align"
+    begin_stage(folder, "h1")
+    write_table_atomic(_table(["a", "b"]), folder / "part-0.parquet")
+    (folder / "round-1").mkdir()
+    (folder / "round-1" / "weights.bin").write_bytes(b"123")
+    begin_stage(folder, "h1")
+    assert (folder / "part-0.parquet").exists()
+    assert (folder / "round-1" / "weights.bin").read_bytes() == b"123"
+    assert done_ids(folder) == {"a", "b"}
+
+
+def test_begin_stage_other_hash_drops_partial_work(tmp_path):
+    folder = tmp_path / "align"
+    begin_stage(folder, "h1")
+    write_table_atomic(_table(["a", "b"]), folder / "part-0.parquet")
+    (folder / "round-1" / "nested").mkdir(parents=True)
+    (folder / "round-1" / "nested" / "w.bin").write_bytes(b"x")
+    write_manifest(folder, "align", "h1", time.time())
+
+    begin_stage(folder, "h2")
+    assert folder.is_dir()
+    assert not (folder / "part-0.parquet").exists()
+    assert not (folder / "round-1").exists()
+    assert not (folder / "manifest.json").exists()
+    assert done_ids(folder) == set()
+    assert not is_done(folder, "h1") and not is_done(folder, "h2")
+    # the new hash is now the one resumed against: a second begin with h2 keeps new work
+    write_table_atomic(_table(["c"]), folder / "part-1.parquet")
+    begin_stage(folder, "h2")
+    assert done_ids(folder) == {"c"}
+
+
+def test_shard_files_drops_truncated_shard(tmp_path):
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    good = folder / "a.parquet"
+    bad = folder / "b.parquet"
+    pq.write_table(_table(["x", "y"]), good)
+    pq.write_table(_table(["z", "w", "v"]), bad)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # a crash mid-write: no footer
+    (folder / "notes.txt").write_text("not a shard")
+
+    files = shard_files(folder)
+    assert files == [good]
+    assert not bad.exists()
+    assert good.exists() and (folder / "notes.txt").exists()
+    assert sorted(read_shards(folder)["id"].to_pylist()) == ["x", "y"]
+    assert done_ids(folder) == {"x", "y"}
+
+
+def test_shard_files_drops_empty_file(tmp_path):
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    pq.write_table(_table(["k"]), tmp_path / "ok.parquet")
+    assert [p.name for p in shard_files(tmp_path)] == ["ok.parquet"]
+
+
+def test_read_shards_concatenates_and_selects(tmp_path):
+    pq.write_table(_table(["a", "b"]), tmp_path / "0.parquet")
+    pq.write_table(_table(["c"]), tmp_path / "1.parquet")
+    t = read_shards(tmp_path, ["id"])
+    assert t.column_names == ["id"]
+    assert sorted(t["id"].to_pylist()) == ["a", "b", "c"]
+    assert read_shards(tmp_path / "nothing").num_rows == 0
+
+
+def test_done_ids_excludes_failed_rows(tmp_path):
+    pq.write_table(_table(["a", "b", "c"], error=[None, "timeout", None]), tmp_path / "0.parquet")
+    pq.write_table(_table(["d", "e"], error=["HTTP 500", None]), tmp_path / "1.parquet")
+    assert done_ids(tmp_path, ok_column="error") == {"a", "c", "e"}
+    assert done_ids(tmp_path) == {"a", "b", "c", "d", "e"}
+    assert done_ids(tmp_path / "empty") == set()
+    assert done_ids(tmp_path / "empty", ok_column="error") == set()
+
+
+def test_write_table_atomic(tmp_path):
+    path = tmp_path / "out.parquet"
+    t = _table(["p", "q", "r"])
+    write_table_atomic(t, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
+    assert pq.read_table(path).equals(t)
+    # overwriting is atomic too and leaves no temp file
+    write_table_atomic(_table(["s"]), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
+    assert pq.read_table(path)["id"].to_pylist() == ["s"]
+
+
+def test_rows_to_table_uses_schema():
+    schema = pa.schema([("id", pa.string()), ("n", pa.int32())])
+    t = artifacts.rows_to_table(iter([{"id": "a", "n": 1}, {"id": "b"}]), schema)
+    assert t.schema == schema
+    assert t.to_pylist() == [{"id": "a", "n": 1}, {"id": "b", "n": None}]

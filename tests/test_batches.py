@@ -1,0 +1,194 @@
+"""Tests for the pure batch functions of proxykd.training: pad_sequences, place_topk, collate."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from proxykd.training import collate, pad_sequences, place_topk
+
+PAD = 0
+X = -100  # ignored label
+
+ROWS = [[11, 12, 13, 14], [21, 22], [31, 32, 33, 34, 35, 36]]
+STARTS = [2, 1, 3]
+
+
+def test_pad_sequences_by_hand():
+    ids, mask, labels = pad_sequences(ROWS, STARTS, PAD)
+    np.testing.assert_array_equal(
+        ids,
+        [
+            [11, 12, 13, 14, 0, 0],
+            [21, 22, 0, 0, 0, 0],
+            [31, 32, 33, 34, 35, 36],
+        ],
+    )
+    np.testing.assert_array_equal(
+        mask,
+        [
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 1, 1],
+        ],
+    )
+    np.testing.assert_array_equal(
+        labels,
+        [
+            [X, X, 13, 14, X, X],
+            [X, 22, X, X, X, X],
+            [X, X, X, 34, 35, 36],
+        ],
+    )
+    for arr in (ids, mask, labels):
+        assert arr.shape == (3, 6)
+        assert arr.dtype == np.int64
+
+
+def test_pad_sequences_other_pad_id_and_full_response():
+    ids, mask, labels = pad_sequences([[5, 6, 7], [8]], [0, 0], pad_id=99)
+    np.testing.assert_array_equal(ids, [[5, 6, 7], [8, 99, 99]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(labels, [[5, 6, 7], [8, X, X]])
+
+
+def test_place_topk_by_hand():
+    # k = 2; row b has (len - start) response positions
+    topk_ids = [
+        [[1, 2], [3, 4]],
+        [[5, 6]],
+        [[7, 8], [9, 10], [11, 12]],
+    ]
+    topk_lps = [
+        [[-0.1, -0.2], [-0.3, -0.4]],
+        [[-0.5, -0.6]],
+        [[-0.7, -0.8], [-0.9, -1.0], [-1.1, -1.2]],
+    ]
+    ids, lps = place_topk(topk_ids, topk_lps, STARTS, T=6)
+    assert ids.shape == (3, 6, 2) and lps.shape == (3, 6, 2)
+    assert ids.dtype == np.int64 and lps.dtype == np.float32
+
+    exp_ids = np.zeros((3, 6, 2), np.int64)
+    exp_ids[0, 2] = [1, 2]
+    exp_ids[0, 3] = [3, 4]
+    exp_ids[1, 1] = [5, 6]
+    exp_ids[2, 3] = [7, 8]
+    exp_ids[2, 4] = [9, 10]
+    exp_ids[2, 5] = [11, 12]
+    np.testing.assert_array_equal(ids, exp_ids)
+
+    exp_lps = np.zeros((3, 6, 2), np.float32)
+    exp_lps[0, 2] = [-0.1, -0.2]
+    exp_lps[0, 3] = [-0.3, -0.4]
+    exp_lps[1, 1] = [-0.5, -0.6]
+    exp_lps[2, 3] = [-0.7, -0.8]
+    exp_lps[2, 4] = [-0.9, -1.0]
+    exp_lps[2, 5] = [-1.1, -1.2]
+    np.testing.assert_allclose(lps, exp_lps, rtol=0, atol=1e-7)
+
+    # top-k entries sit exactly where the labels are (response positions), zeros elsewhere
+    _, _, labels = pad_sequences(ROWS, STARTS, PAD)
+    resp = labels != X
+    assert np.all((ids != 0).any(-1) == resp)
+    assert np.all(lps[~resp] == 0)
+
+
+def _kd_table():
+    return pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "input_ids": pa.array(ROWS, pa.list_(pa.int32())),
+            "response_start": pa.array(STARTS, pa.int32()),
+            "topk_ids": pa.array(
+                [
+                    [[1, 2], [3, 4]],
+                    [[5, 6]],
+                    [[7, 8], [9, 10], [11, 12]],
+                ],
+                pa.list_(pa.list_(pa.int32())),
+            ),
+            "topk_logprobs": pa.array(
+                [
+                    [[np.float16(-0.5), np.float16(-1.0)], [np.float16(-0.25), np.float16(-2.0)]],
+                    [[np.float16(-0.125), np.float16(-3.0)]],
+                    [[np.float16(-1.5), np.float16(-2.5)], [np.float16(-0.75), np.float16(-4.0)], [np.float16(-0.5), np.float16(-0.5)]],
+                ],
+                pa.list_(pa.list_(pa.float16())),
+            ),
+            "ll": pa.array([-1.0, -2.0, -0.5], pa.float64()),
+            "weight": pa.array([0.25, 0.5, 0.75], pa.float64()),
+        }
+    )
+
+
+def test_collate_kd():
+    out = collate("kd", _kd_table(), PAD)
+    assert set(out) == {"input_ids", "attention_mask", "labels", "topk_ids", "topk_logprobs", "weight"}
+    assert out["input_ids"].shape == (3, 6)
+    assert out["attention_mask"].shape == (3, 6)
+    assert out["labels"].shape == (3, 6)
+    assert out["topk_ids"].shape == (3, 6, 2)
+    assert out["topk_logprobs"].shape == (3, 6, 2)
+    assert out["topk_logprobs"].dtype == np.float32
+    assert out["weight"].dtype == np.float32
+    np.testing.assert_allclose(out["weight"], [0.25, 0.5, 0.75])
+    np.testing.assert_array_equal(out["input_ids"][1], [21, 22, 0, 0, 0, 0])
+    np.testing.assert_array_equal(out["labels"][0], [X, X, 13, 14, X, X])
+    np.testing.assert_array_equal(out["topk_ids"][2, 4], [9, 10])
+    np.testing.assert_array_equal(out["topk_logprobs"][0, 3], [-0.25, -2.0])  # exact in float16
+    np.testing.assert_array_equal(out["topk_logprobs"][1, 1], [-0.125, -3.0])
+    assert np.all(out["topk_ids"][0, :2] == 0) and np.all(out["topk_ids"][1, 2:] == 0)
+
+
+def test_collate_sft_has_no_topk():
+    out = collate("sft", _kd_table().select(["id", "input_ids", "response_start"]), pad_id=7)
+    assert set(out) == {"input_ids", "attention_mask", "labels"}
+    np.testing.assert_array_equal(out["input_ids"][0], [11, 12, 13, 14, 7, 7])
+    np.testing.assert_array_equal(out["labels"][2], [X, X, X, 34, 35, 36])
+
+
+def test_collate_dpo_stacks_chosen_then_rejected():
+    batch = pa.table(
+        {
+            "id": ["a", "b"],
+            "chosen_input_ids": pa.array([[1, 2, 3], [4, 5, 6, 7]], pa.list_(pa.int32())),
+            "chosen_response_start": pa.array([1, 2], pa.int32()),
+            "rejected_input_ids": pa.array([[1, 2, 8, 9, 10], [4, 5]], pa.list_(pa.int32())),
+            "rejected_response_start": pa.array([1, 1], pa.int32()),
+            "ref_chosen_logp": pa.array([-3.0, -4.5], pa.float64()),
+            "ref_rejected_logp": pa.array([-6.0, -1.5], pa.float64()),
+        }
+    )
+    out = collate("dpo", batch, PAD)
+    assert set(out) == {"input_ids", "attention_mask", "labels", "ref_chosen", "ref_rejected"}
+    np.testing.assert_array_equal(
+        out["input_ids"],
+        [
+            [1, 2, 3, 0, 0],  # chosen a
+            [4, 5, 6, 7, 0],  # chosen b
+            [1, 2, 8, 9, 10],  # rejected a
+            [4, 5, 0, 0, 0],  # rejected b
+        ],
+    )
+    np.testing.assert_array_equal(
+        out["attention_mask"],
+        [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]],
+    )
+    np.testing.assert_array_equal(
+        out["labels"],
+        [
+            [X, 2, 3, X, X],
+            [X, X, 6, 7, X],
+            [X, 2, 8, 9, 10],
+            [X, 5, X, X, X],
+        ],
+    )
+    assert out["ref_chosen"].dtype == np.float32 and out["ref_rejected"].dtype == np.float32
+    np.testing.assert_array_equal(out["ref_chosen"], [-3.0, -4.5])
+    np.testing.assert_array_equal(out["ref_rejected"], [-6.0, -1.5])
+
+
+@pytest.mark.parametrize("objective", ["kd", "sft"])
+def test_collate_single_row(objective):
+    out = collate(objective, _kd_table().slice(1, 1), PAD)
+    np.testing.assert_array_equal(out["input_ids"], [[21, 22]])
+    np.testing.assert_array_equal(out["labels"], [[X, 22]])
