@@ -2,10 +2,6 @@
 
 import sys
 
-from proxykd.cli import main
+from _entry import main
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["--config"]:
-        args = args[1:]
-    sys.exit(main(["distill", *args]))
+sys.exit(main("distill"))

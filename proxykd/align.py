@@ -80,7 +80,7 @@ def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, o
     ds = ray.data.from_arrow(rows.select(["id", "input_ids", "response_start"])).map_batches(
         RoundSampler,
         fn_constructor_kwargs={
-            "engine": engine_kwargs(model, model_max_length(model), cfg.seed, cfg.resources),
+            "engine": engine_kwargs(model, model_max_length(model), cfg.seed, cfg.resources, cfg.proxy.dtype),
             "sampling": {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "seed": cfg.seed},
             "max_length": max_length,
             "kv_cache_gb": cfg.resources.vllm_kv_cache_gb,

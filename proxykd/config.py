@@ -135,7 +135,7 @@ class AlignConfig(_Strict):
     beta: float = Field(0.1, gt=0)
     nll_weight: float = Field(1.0, ge=0)
     warmup: TrainConfig = Field(default_factory=TrainConfig)
-    dpo: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=2e-4))
+    dpo: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
 
@@ -250,7 +250,10 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return parse_config(apply_overrides(tree, overrides or []))

@@ -68,23 +68,26 @@ def reasoning_gym_rows(cfg: DataConfig) -> list[dict]:
     return rows
 
 
-def _read_file(path: Path) -> list[dict]:
+def _read_file(path: Path) -> list[tuple[int, object]]:
+    """(line or row number, raw row) pairs, so a bad row without an id can still be located."""
     if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
+        return list(enumerate(pq.read_table(path).to_pylist(), 1))
     rows = []
     with path.open() as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
-                rows.append({"id": f"<line {n}>", "_error": f"not valid JSON: {e}"})
+                rows.append((n, {"_error": f"not valid JSON: {e}"}))
     return rows
 
 
 def validate_row(raw: dict, system_prompt: Optional[str]) -> dict:
     """Normalise one input row or raise ValueError naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(raw).__name__}")
     if "_error" in raw:
         raise ValueError(raw["_error"])
     row_id = raw.get("id")
@@ -118,16 +121,20 @@ def validate_row(raw: dict, system_prompt: Optional[str]) -> dict:
 
 def build_prompts(cfg: DataConfig) -> tuple[pa.Table, list[dict]]:
     """Return (prompts table, rejected rows as {id, error})."""
-    raw_rows = reasoning_gym_rows(cfg) if cfg.source == "reasoning_gym" else _read_file(Path(cfg.path))
+    if cfg.source == "reasoning_gym":
+        raw_rows = list(enumerate(reasoning_gym_rows(cfg), 1))
+    else:
+        raw_rows = _read_file(Path(cfg.path))
     good, rejected, seen = [], [], set()
-    for raw in raw_rows:
+    for n, raw in raw_rows:
         try:
             row = validate_row(raw, cfg.system_prompt)
             if row["id"] in seen:
                 raise ValueError("duplicate `id`")
         except ValueError as e:
             rid = raw.get("id") if isinstance(raw, dict) else None
-            rejected.append({"id": str(rid), "error": str(e)})
+            rid = rid if isinstance(rid, str) and rid.strip() else f"<line {n}>"
+            rejected.append({"id": rid, "error": str(e)})
             log.warning("prompt %s rejected: %s", rid, e)
             continue
         seen.add(row["id"])
@@ -136,7 +143,7 @@ def build_prompts(cfg: DataConfig) -> tuple[pa.Table, list[dict]]:
     return pa.Table.from_pylist(good, schema=PROMPT_SCHEMA), rejected
 
 
-_ANSWER_RE = re.compile(r"answer is\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.DOTALL)
+_ANSWER_RE = re.compile(r"answer is\s*(.+?)\s*\.?\s*(?=$|answer is)", re.IGNORECASE | re.DOTALL)
 
 
 def teacher_style_response(reference: str) -> str:
@@ -146,12 +153,8 @@ def teacher_style_response(reference: str) -> str:
 
 def extract_answer(text: str) -> str:
     """The final answer in a generation: what follows the last 'answer is', else the whole text."""
-    tail = text.rsplit("nswer is", 1)
-    if len(tail) == 2:
-        m = _ANSWER_RE.search("answer is" + tail[1])
-        if m:
-            return m.group(1).strip()
-    return text.strip()
+    matches = list(_ANSWER_RE.finditer(text))
+    return matches[-1].group(1).strip() if matches else text.strip()
 
 
 def score(task: Optional[str], answer: str, reference: Optional[str], metadata: str) -> float:

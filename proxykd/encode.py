@@ -20,7 +20,7 @@ def join_teacher(prompts: pa.Table, teacher: pa.Table, split: str) -> pa.Table:
     # (pyarrow's join cannot carry list<struct> columns such as `messages`.)
     answer = dict(zip(teacher["id"].to_pylist(), teacher["response"].to_pylist()))
     keep = [i for i, rid in enumerate(rows["id"].to_pylist()) if rid in answer]
-    rows = rows.take(keep)
+    rows = rows.take(pa.array(keep, pa.int64()))
     return rows.append_column("response", pa.array([answer[r] for r in rows["id"].to_pylist()], pa.string())).sort_by("id")
 
 
@@ -38,7 +38,7 @@ def encode_responses(tokenizer, table: pa.Table, max_length: int) -> tuple[pa.Ta
         keep.append(i)
         ids.append(input_ids)
         starts.append(start)
-    out = table.take(keep)
+    out = table.take(pa.array(keep, pa.int64()))
     return out.append_column("input_ids", pa.array(ids, IDS)).append_column(
         "response_start", pa.array(starts, pa.int32())
     ), rejected

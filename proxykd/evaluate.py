@@ -36,7 +36,7 @@ def generate(cfg: RunConfig, model_path: str, rows: pa.Table) -> pa.Table:
     ds = ray.data.from_arrow(rows.select(["id"]).append_column("prompt_ids", pa.array(ids, IDS))).map_batches(
         Sampler,
         fn_constructor_kwargs={
-            "engine": engine_kwargs(model_path, model_max_length(model_path), cfg.seed, cfg.resources),
+            "engine": engine_kwargs(model_path, model_max_length(model_path), cfg.seed, cfg.resources, cfg.student.dtype),
             "sampling": {"temperature": cfg.eval.temperature, "max_tokens": cfg.eval.max_tokens, "seed": cfg.seed},
             "kv_cache_gb": cfg.resources.vllm_kv_cache_gb,
         },

@@ -69,7 +69,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, proxy_path: str, a
         ds = ray.data.from_arrow(todo.select(["id", "input_ids", "response_start"])).map_batches(
             Scorer,
             fn_constructor_kwargs={
-                "engine": engine_kwargs(proxy_path, max_length + 1, cfg.seed, cfg.resources),
+                "engine": engine_kwargs(proxy_path, max_length + 1, cfg.seed, cfg.resources, cfg.proxy.dtype),
                 "top_k": cfg.logits.top_k,
                 "kv_cache_gb": cfg.resources.vllm_kv_cache_gb,
             },

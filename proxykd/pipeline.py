@@ -38,7 +38,7 @@ def init_ray(cfg: RunConfig) -> None:
         return
     # A local cluster: keep vLLM and Ray on loopback.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def run_prompts(cfg: RunConfig) -> tuple[pa.Table, str]:

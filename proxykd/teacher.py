@@ -119,13 +119,12 @@ def responses(folder: Path) -> pa.Table:
     if table.num_rows == 0:
         return table
     table = table.filter(pc.is_null(table["error"]))
-    _, first = pc.unique(table["id"]), None
     seen, keep = set(), []
     for i, rid in enumerate(table["id"].to_pylist()):
         if rid not in seen:
             seen.add(rid)
             keep.append(i)
-    return table.take(keep)
+    return table.take(pa.array(keep, pa.int64()))
 
 
 def _local_teacher(prompts: pa.Table):
@@ -145,8 +144,11 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_hash: str, run_dir: str) 
     folder = artifacts.stage_dir(run_dir, "teacher")
     h = config_hash(cfg, prompts_hash)
     if artifacts.is_done(folder, h):
-        log.info("teacher: done already (%s), skipped", folder)
-        return artifacts.read_manifest(folder)
+        manifest = artifacts.read_manifest(folder)
+        if not manifest["rows"]["failed"]:
+            log.info("teacher: done already (%s), skipped", folder)
+            return manifest
+        log.info("teacher: retrying the %d requests that failed last time", manifest["rows"]["failed"])
     started = time.time()
     artifacts.begin_stage(folder, h)
 
@@ -166,6 +168,10 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_hash: str, run_dir: str) 
                 batch_size=max(cfg.concurrency * 4, 16),
                 compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                 num_cpus=0.5,
+                # The key travels to the actors in their environment only (Ray's runtime_env),
+                # never as an argument, a config value or a column.
+                runtime_env={"env_vars": {cfg.api_key_env: os.environ[cfg.api_key_env]}}
+                if cfg.api_key_env in os.environ else None,
             )
             ds.write_parquet(str(folder))
 

@@ -20,10 +20,12 @@ import pyarrow as pa
 from proxykd.config import ResourcesConfig
 
 
-def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: ResourcesConfig) -> dict:
+def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: ResourcesConfig, dtype: str = "auto") -> dict:
     kwargs = {
         "model": model_path,
         "tokenizer": model_path,
+        # vLLM on CPU would run a float32 checkpoint in bfloat16; soft labels want the stored dtype.
+        "dtype": dtype,
         "max_model_len": max_model_len,
         "seed": seed,
         # Prefix caching drops prompt log-probs of cached positions: always off here.

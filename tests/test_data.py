@@ -145,23 +145,12 @@ def test_build_prompts_from_file(tmp_path):
     assert len(no_id) == 1 and "`id`" in no_id[0]["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxykd/data.py build_prompts: a row without `id` is reported as id 'None' (str(None)), "
-    "not with a line marker like '<line 2>' as non-JSON lines are, so it cannot be located",
-)
 def test_row_without_id_reported_with_line_marker(tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", [GOOD_1, {"messages": [{"role": "user", "content": "x"}]}])
     _, rejected = build_prompts(DataConfig(source="file", path=str(path)))
     assert [r["id"] for r in rejected] == ["<line 2>"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxykd/data.py validate_row: a JSONL line that is valid JSON but not an object "
-    "(e.g. `42` or `[1, 2]`) raises TypeError/AttributeError (`'_error' in raw`, `raw.get`), "
-    "which build_prompts does not catch, so one bad line kills the whole run",
-)
 def test_non_object_json_line_is_rejected_not_fatal(tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", [GOOD_1, "42", "[1, 2]"])
     table, rejected = build_prompts(DataConfig(source="file", path=str(path)))
@@ -252,11 +241,6 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxykd/data.py extract_answer: the marker split `text.rsplit('nswer is', 1)` is "
-    "case-sensitive while _ANSWER_RE is IGNORECASE, so 'ANSWER IS 7' returns the whole text",
-)
 def test_extract_answer_upper_case_marker():
     assert extract_answer("ANSWER IS 7") == "7"
 

@@ -1,0 +1,16 @@
+"""Shared by the job scripts: `python jobs/<stage>.py --config CONFIG [--set key=value ...]`."""
+
+import sys
+from pathlib import Path
+
+# The job's working directory holds the repo: import proxykd from it even where it is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(command: str) -> int:
+    from proxykd.cli import main as cli
+
+    args = sys.argv[1:]
+    if args[:1] == ["--config"]:
+        args = args[1:]
+    return cli([command, *args])
