@@ -1,0 +1,142 @@
+"""The whole pipeline, submitted with `ray job submit` to a local `ray start --head` cluster,
+then its artifacts checked against the contracts in DESIGN.md, then a rerun that skips every stage."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import free_port, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["prompts", "teacher", "align", "logits", "distill", "eval"]
+
+
+def _env():
+    return {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    port, dash = free_port(), free_port()
+    subprocess.run(
+        ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4",
+         "--disable-usage-stats"],
+        check=True, env=_env(), capture_output=True, timeout=120,
+    )
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+
+
+def _submit(address: str, config: Path) -> str:
+    proc = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         "python", "jobs/pipeline.py", "--config", str(config)],
+        env=_env(), capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(root / "run")))
+    out = _submit(cluster, config)
+    return {"cluster": cluster, "config": config, "run_dir": root / "run", "output": out}
+
+
+def manifest(run, stage):
+    return json.loads((run["run_dir"] / stage / "manifest.json").read_text())
+
+
+def test_job_runs_every_stage_and_prints_the_eval_table(run):
+    for stage in STAGES:
+        m = manifest(run, stage)
+        assert m["stage"] == stage and len(m["config_hash"]) == 16 and m["versions"]["ray"] == "2.60.0"
+    assert "| baseline |" in run["output"] and "| proxykd |" in run["output"]
+    assert "proxykd run finished" in run["output"]
+
+
+def test_prompts_and_teacher_artifacts(run):
+    prompts = pq.read_table(run["run_dir"] / "prompts" / "prompts.parquet")
+    assert set(prompts["split"].to_pylist()) == {"warmup", "proxy", "student", "eval"}
+    shards = sorted((run["run_dir"] / "teacher").glob("*.parquet"))
+    teacher = pa.concat_tables([pq.read_table(f) for f in shards])
+    assert teacher.column_names == ["id", "messages", "response", "finish_reason", "model", "prompt_tokens",
+                                    "completion_tokens", "request_key", "error"]
+    non_eval = prompts.filter(pa.compute.not_equal(prompts["split"], "eval"))
+    assert sorted(teacher["id"].to_pylist()) == sorted(non_eval["id"].to_pylist())
+    assert teacher["error"].null_count == teacher.num_rows
+    assert manifest(run, "teacher")["rows"]["ok"] == teacher.num_rows
+
+
+def test_align_rounds_and_logits_contract(run):
+    align = manifest(run, "align")
+    samples = pq.read_table(run["run_dir"] / "align" / "round-1" / "samples.parquet")
+    assert samples.column_names == ["id", "rejected"] and samples.num_rows == align["rows"]["proxy"]
+    assert align["model"].endswith("round-1/model") and Path(align["model"], "config.json").exists()
+
+    files = sorted((run["run_dir"] / "logits").glob("*.parquet"))
+    logits = pa.concat_tables([pq.read_table(f) for f in files])
+    schema = logits.schema
+    assert schema.field("input_ids").type == pa.list_(pa.int32())
+    assert schema.field("topk_ids").type == pa.list_(pa.list_(pa.int32()))
+    assert schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.float16()))
+    assert {"id", "response_start", "ll", "weight"} <= set(logits.column_names)
+    k = manifest(run, "logits")["top_k"]
+    for row in logits.to_pylist():
+        n = len(row["input_ids"]) - row["response_start"]
+        assert len(row["topk_ids"]) == n and all(len(x) == k for x in row["topk_ids"])
+        lp = np.array(row["topk_logprobs"], np.float32)
+        assert (lp <= 0).all() and (np.diff(lp, axis=1) <= 1e-3).all()  # sorted, best first
+    ll, w = logits["ll"].to_numpy(), logits["weight"].to_numpy()
+    m = manifest(run, "logits")
+    assert m["ll_mean"] == pytest.approx(ll.mean()) and m["ll_std"] == pytest.approx(ll.std())
+    np.testing.assert_allclose(w, 1 / (1 + np.exp(-(ll - ll.mean()) / ll.std())), rtol=1e-6)
+    assert len(set(logits["id"].to_pylist())) == logits.num_rows
+
+
+def test_students_are_loadable_checkpoints_with_metrics(run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models = manifest(run, "distill")["models"]
+    assert set(models) == {"proxykd", "baseline"}
+    for name, path in models.items():
+        AutoModelForCausalLM.from_pretrained(path)
+        AutoTokenizer.from_pretrained(path)
+        metrics = [json.loads(line) for line in (Path(path).parent / "metrics.jsonl").read_text().splitlines()]
+        assert metrics and all(np.isfinite(r["loss"]) for r in metrics)
+        assert ("kl" in metrics[-1]) == (name == "proxykd")
+        assert (Path(path).parent / "loss.png").stat().st_size > 1000
+
+
+def test_eval_results_and_report(run):
+    results = pq.read_table(run["run_dir"] / "eval" / "results.parquet")
+    eval_ids = manifest(run, "eval")["rows"]["prompts"]
+    assert results.num_rows == 2 * eval_ids
+    assert set(results["model"].to_pylist()) == {"baseline", "proxykd"}
+    scores = results["score"].to_numpy()
+    assert ((scores >= 0) & (scores <= 1)).all()
+    report = (run["run_dir"] / "eval" / "report.md").read_text()
+    assert "| baseline |" in report and "| proxykd |" in report
+
+
+def test_rerun_skips_every_finished_stage(run):
+    before = {s: manifest(run, s)["finished_at"] for s in STAGES}
+    out = _submit(run["cluster"], run["config"])
+    for stage in STAGES[1:]:
+        assert f"{stage}: done already" in out
+    assert {s: manifest(run, s)["finished_at"] for s in STAGES} == before
