@@ -33,6 +33,8 @@ def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: Resources
     }
     if res.vllm_gpus_per_actor > 0:
         kwargs["gpu_memory_utilization"] = res.vllm_gpu_memory_utilization
+    if res.vllm_gpus_per_actor >= 2:  # one engine over all of the actor's GPUs
+        kwargs["tensor_parallel_size"] = int(res.vllm_gpus_per_actor)
     return kwargs
 
 
