@@ -98,11 +98,9 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str)
 
     folder = artifacts.stage_dir(cfg.run_dir, "align")
     h = config_hash(cfg, teacher_hash)
-    if artifacts.is_done(folder, h):
-        log.info("align: done already (%s), skipped", folder)
-        return artifacts.read_manifest(folder)
+    if done := artifacts.finished_or_begin(folder, h):
+        return done
     started = time.time()
-    artifacts.begin_stage(folder, h)
     base = materialize_model(cfg.proxy, Path(cfg.run_dir).resolve() / "models" / "proxy-init", cfg.seed)
     tokenizer = load_tokenizer(base)
     # One position is kept free: vLLM scores a full-length sequence by generating one token after it.

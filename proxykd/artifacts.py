@@ -69,6 +69,16 @@ def write_manifest(folder: Path, stage: str, config_hash: str, started: float, *
     return manifest
 
 
+def finished_or_begin(folder: Path, config_hash: str) -> Optional[dict]:
+    """The manifest when the stage is done for this config (it is then skipped), else None
+    after opening the stage for work with `begin_stage`."""
+    if is_done(folder, config_hash):
+        log.info("%s: done already (%s), skipped", folder.name, folder)
+        return read_manifest(folder)
+    begin_stage(folder, config_hash)
+    return None
+
+
 def begin_stage(folder: Path, config_hash: str) -> None:
     """Open a stage for (re)work. A stale manifest is removed first so a crash cannot leave it
     claiming the new work is done. Shards and checkpoints written under a different config are

@@ -29,11 +29,9 @@ def run(cfg: RunConfig, proxy_path: str, logits_hash: str) -> dict:
 
     folder = artifacts.stage_dir(cfg.run_dir, "distill")
     h = config_hash(cfg, logits_hash)
-    if artifacts.is_done(folder, h):
-        log.info("distill: done already (%s), skipped", folder)
-        return artifacts.read_manifest(folder)
+    if done := artifacts.finished_or_begin(folder, h):
+        return done
     started = time.time()
-    artifacts.begin_stage(folder, h)
     student = materialize_model(cfg.student, Path(cfg.run_dir).resolve() / "models" / "student-init", cfg.seed + 1)
     check_same_vocab(proxy_path, student)
 

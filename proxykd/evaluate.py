@@ -1,7 +1,9 @@
-"""Stage 5, eval: generate with each student (vLLM in Ray Data, greedy by default) on the held-out
-eval split and score the answers against the references: reasoning-gym's scorer for its tasks,
-exact match otherwise. Writes `eval/results.parquet` (one row per sample and model) and
-`eval/report.md` (baseline α = 0 vs Proxy-KD)."""
+"""Stage 5, eval: on the held-out eval split, each student (vLLM in Ray Data, greedy by default)
+answers every prompt, and the same engine scores the teacher's answer teacher-forced. Reported per
+model: accuracy against the references (reasoning-gym's scorer for its tasks, exact match
+otherwise), and how closely it imitates the teacher: mean per-token log-likelihood of the teacher's
+answer and top-1 agreement with the teacher's tokens. The teacher's own accuracy is the first row.
+Writes `eval/results.parquet` (one row per prompt and model) and `eval/report.md`."""
 
 from __future__ import annotations
 
@@ -16,72 +18,103 @@ import pyarrow.compute as pc
 from proxykd import artifacts
 from proxykd.config import RunConfig, fingerprint
 from proxykd.data import extract_answer, score
-from proxykd.encode import IDS
+from proxykd.encode import encode_responses, join_teacher
 from proxykd.models import load_tokenizer, model_max_length
-from proxykd.tokenization import prompt_ids
-from proxykd.vllm_actors import Sampler, engine_kwargs, map_kwargs
+from proxykd.vllm_actors import VLLMEngine, engine_kwargs, map_kwargs
 
 log = logging.getLogger("proxykd")
+
+
+class Evaluator(VLLMEngine):
+    """Adds `sample` (the model's answer), `teacher_ll` and `teacher_top1` to batches with
+    `input_ids` (prompt + teacher answer) and `response_start`."""
+
+    def __init__(self, engine: dict, sampling: dict, kv_cache_gb: int = 1):
+        super().__init__(engine, kv_cache_gb)
+        from vllm import SamplingParams
+
+        self.params = SamplingParams(**sampling)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids, starts = batch["input_ids"].to_pylist(), batch["response_start"].to_pylist()
+        outs = self.generate([x[:s] for x, s in zip(ids, starts)], self.params)
+        scored = self.score(ids, starts, 1)
+        top1 = [float(np.mean(r[0][:, 0] == np.asarray(x[s:]))) for r, x, s in zip(scored, ids, starts)]
+        return pa.table({
+            "id": batch["id"],
+            "sample": pa.array([o.outputs[0].text for o in outs], pa.string()),
+            "teacher_ll": pa.array([float(r[2].mean()) for r in scored], pa.float64()),
+            "teacher_top1": pa.array(top1, pa.float64()),
+        })
 
 
 def config_hash(cfg: RunConfig, distill_hash: str) -> str:
     return fingerprint(distill_hash, cfg.eval, cfg.seed)
 
 
-def generate(cfg: RunConfig, model_path: str, rows: pa.Table) -> pa.Table:
+def evaluate_model(cfg: RunConfig, model_path: str, rows: pa.Table) -> pa.Table:
     import ray
 
-    tokenizer = load_tokenizer(model_path)
-    ids = [prompt_ids(tokenizer, m) for m in rows["messages"].to_pylist()]
-    ds = ray.data.from_arrow(rows.select(["id"]).append_column("prompt_ids", pa.array(ids, IDS))).map_batches(
-        Sampler,
+    ds = ray.data.from_arrow(rows.select(["id", "input_ids", "response_start"])).map_batches(
+        Evaluator,
         fn_constructor_kwargs={
-            "engine": engine_kwargs(model_path, model_max_length(model_path), cfg.seed, cfg.resources, cfg.student.dtype),
+            "engine": engine_kwargs(model_path, model_max_length(model_path), cfg.seed, cfg.resources,
+                                    cfg.student.dtype),
             "sampling": {"temperature": cfg.eval.temperature, "max_tokens": cfg.eval.max_tokens, "seed": cfg.seed},
             "kv_cache_gb": cfg.resources.vllm_kv_cache_gb,
         },
         **map_kwargs(cfg.resources, batch_size=64),
     )
-    return pa.concat_tables(ray.get(ds.to_arrow_refs())).select(["id", "sample"])
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
 def report_table(results: pa.Table) -> str:
-    lines = ["| model | samples | accuracy | mean score |", "| --- | --- | --- | --- |"]
+    lines = ["| model | samples | accuracy | mean score | teacher ll/token | teacher top-1 |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name in results["model"].unique().to_pylist():
         r = results.filter(pc.equal(results["model"], name))
         scores = r["score"].to_numpy()
         acc = float(np.nanmean(scores >= 1.0)) if len(scores) else math.nan
-        lines.append(f"| {name} | {r.num_rows} | {acc:.3f} | {float(np.nanmean(scores)):.3f} |")
+        ll, top1 = np.nanmean(r["teacher_ll"].to_numpy()), np.nanmean(r["teacher_top1"].to_numpy())
+        fmt = lambda v: "–" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {name} | {r.num_rows} | {acc:.3f} | {float(np.nanmean(scores)):.3f} | {fmt(ll)} | {fmt(top1)} |")
     return "\n".join(lines)
 
 
-def run(cfg: RunConfig, prompts: pa.Table, models: dict[str, str], distill_hash: str) -> dict:
+def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, models: dict[str, str], distill_hash: str) -> dict:
     folder = artifacts.stage_dir(cfg.run_dir, "eval")
     h = config_hash(cfg, distill_hash)
-    if artifacts.is_done(folder, h):
-        log.info("eval: done already (%s), skipped", folder)
-        return artifacts.read_manifest(folder)
+    if done := artifacts.finished_or_begin(folder, h):
+        return done
     started = time.time()
-    artifacts.begin_stage(folder, h)
-    rows = prompts.filter(pc.equal(prompts["split"], "eval")).sort_by("id")
+    any_model = next(iter(models.values()))
+    rows, rejected = encode_responses(load_tokenizer(any_model), join_teacher(prompts, teacher, "eval"),
+                                      model_max_length(any_model) - 1)
     if rows.num_rows == 0:
-        raise RuntimeError("eval: the eval split is empty; raise data.eval_fraction")
-    meta = {r["id"]: r for r in rows.select(["id", "reference", "task", "metadata"]).to_pylist()}
-    out = []
-    # Baseline first: the table reads baseline, then Proxy-KD.
+        raise RuntimeError("eval: no eval prompt has a teacher answer; raise data.eval_fraction")
+    meta = {r["id"]: r for r in prompts.select(["id", "reference", "task", "metadata"]).to_pylist()}
+
+    def scored(model: str, rid: str, text: str, ll=math.nan, top1=math.nan) -> dict:
+        m, answer = meta[rid], extract_answer(text)
+        return {"id": rid, "model": model, "generation": text, "answer": answer, "reference": m["reference"],
+                "score": score(m["task"], answer, m["reference"], m["metadata"]),
+                "teacher_ll": ll, "teacher_top1": top1}
+
+    out = [scored("teacher", r["id"], r["response"]) for r in rows.select(["id", "response"]).to_pylist()]
+    # Baseline before Proxy-KD, so the table reads top-down.
     for name in sorted(models, key=lambda n: n != "baseline"):
-        log.info("eval: generating with the %s student on %d prompts", name, rows.num_rows)
-        for r in generate(cfg, models[name], rows).to_pylist():
-            m = meta[r["id"]]
-            answer = extract_answer(r["sample"])
-            out.append({"id": r["id"], "model": name, "generation": r["sample"], "answer": answer,
-                        "reference": m["reference"], "score": score(m["task"], answer, m["reference"], m["metadata"])})
+        log.info("eval: the %s student on %d prompts", name, rows.num_rows)
+        for r in evaluate_model(cfg, models[name], rows).to_pylist():
+            out.append(scored(name, r["id"], r["sample"], r["teacher_ll"], r["teacher_top1"]))
     results = pa.Table.from_pylist(out)
     artifacts.write_table_atomic(results, folder / "results.parquet")
     table = report_table(results)
     (folder / "report.md").write_text(
-        f"# proxykd eval\n\nrun: `{cfg.run_dir}` · eval prompts: {rows.num_rows} · "
-        f"alpha: {cfg.distill.alpha}\n\n{table}\n"
+        f"# proxykd eval\n\nrun: `{cfg.run_dir}` · eval prompts: {rows.num_rows} · alpha: {cfg.distill.alpha} · "
+        f"sample weighting: {cfg.distill.sample_weighting}\n\n{table}\n\n"
+        "accuracy: answers scored against the references; teacher ll/token and top-1: how closely the\n"
+        "student reproduces the teacher's answers (teacher-forced), the quantity distillation trains.\n"
     )
     return artifacts.write_manifest(folder, "eval", h, started, inputs={"distill": distill_hash, "models": models},
-                                    rows={"prompts": rows.num_rows, "results": results.num_rows}, table=table)
+                                    rows={"prompts": rows.num_rows, "rejected": len(rejected)},
+                                    rejected=rejected[:1000], table=table)

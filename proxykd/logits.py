@@ -54,11 +54,9 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, proxy_path: str, a
 
     folder = artifacts.stage_dir(cfg.run_dir, "logits")
     h = config_hash(cfg, align_hash)
-    if artifacts.is_done(folder, h):
-        log.info("logits: done already (%s), skipped", folder)
-        return artifacts.read_manifest(folder)
+    if done := artifacts.finished_or_begin(folder, h):
+        return done
     started = time.time()
-    artifacts.begin_stage(folder, h)
     tokenizer = load_tokenizer(proxy_path)
     max_length = min(cfg.logits.max_length, model_max_length(proxy_path) - 1)
     rows, rejected = encode_responses(tokenizer, join_teacher(prompts, teacher, "student"), max_length)

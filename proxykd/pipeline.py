@@ -44,9 +44,8 @@ def init_ray(cfg: RunConfig) -> None:
 def run_prompts(cfg: RunConfig) -> tuple[pa.Table, str]:
     folder = artifacts.stage_dir(cfg.run_dir, "prompts")
     h = fingerprint(cfg.data)
-    if not artifacts.is_done(folder, h):
+    if not artifacts.finished_or_begin(folder, h):
         started = time.time()
-        artifacts.begin_stage(folder, h)
         table, rejected = build_prompts(cfg.data)
         artifacts.write_table_atomic(table, folder / "prompts.parquet")
         counts = {v["values"]: v["counts"] for v in pc.value_counts(table["split"]).to_pylist()}
@@ -106,7 +105,7 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
     if last == 4:
         return manifests
 
-    manifests["eval"] = evaluate.run(cfg, prompts, manifests["distill"]["models"], distill_hash)
+    manifests["eval"] = evaluate.run(cfg, prompts, responses, manifests["distill"]["models"], distill_hash)
     return manifests
 
 

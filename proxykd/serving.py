@@ -80,26 +80,12 @@ def build_llm_config(
     )
 
 
-def build_app(
-    model_path: str,
-    model_name: str = "proxykd-student",
-    *,
-    use_gpu: bool = False,
-    num_replicas: int = 1,
-    max_model_len: int | None = None,
-    engine_kwargs: dict | None = None,
-):
-    """An OpenAI-compatible Ray Serve application serving `model_path` under the name `model_name`."""
+def build_app(model_path: str, model_name: str = "proxykd-student", **llm_config_kwargs):
+    """An OpenAI-compatible Ray Serve application serving `model_path` under the name `model_name`
+    (keyword arguments as for `build_llm_config`)."""
     from ray.serve.llm import build_openai_app
 
-    llm_config = build_llm_config(
-        model_path,
-        model_name,
-        use_gpu=use_gpu,
-        num_replicas=num_replicas,
-        max_model_len=max_model_len,
-        engine_kwargs=engine_kwargs,
-    )
+    llm_config = build_llm_config(model_path, model_name, **llm_config_kwargs)
     return build_openai_app({"llm_configs": [llm_config]})
 
 

@@ -1,4 +1,4 @@
-"""Stage 1, teacher: ask the black-box teacher for a response to every training prompt.
+"""Stage 1, teacher: ask the black-box teacher for a response to every prompt.
 
 Ray Data actors each hold an async `openai` client and keep `teacher.concurrency` requests in
 flight. Responses are written as Parquet shards as blocks finish, keyed by `id`; a rerun sends no
@@ -152,7 +152,8 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_hash: str, run_dir: str) 
     started = time.time()
     artifacts.begin_stage(folder, h)
 
-    todo = prompts.filter(pc.not_equal(prompts["split"], "eval"))
+    # The eval split is asked too: the report compares students with the teacher's own answers.
+    todo = prompts
     have = artifacts.done_ids(folder, ok_column="error")
     todo = todo.filter(pc.invert(pc.is_in(todo["id"], pa.array(sorted(have), pa.string()))))
     log.info("teacher: %d prompts to ask, %d answered already", todo.num_rows, len(have))

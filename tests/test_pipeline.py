@@ -77,8 +77,7 @@ def test_prompts_and_teacher_artifacts(run):
     teacher = pa.concat_tables([pq.read_table(f) for f in shards])
     assert teacher.column_names == ["id", "messages", "response", "finish_reason", "model", "prompt_tokens",
                                     "completion_tokens", "request_key", "error"]
-    non_eval = prompts.filter(pa.compute.not_equal(prompts["split"], "eval"))
-    assert sorted(teacher["id"].to_pylist()) == sorted(non_eval["id"].to_pylist())
+    assert sorted(teacher["id"].to_pylist()) == sorted(prompts["id"].to_pylist())
     assert teacher["error"].null_count == teacher.num_rows
     assert manifest(run, "teacher")["rows"]["ok"] == teacher.num_rows
 
@@ -126,10 +125,16 @@ def test_students_are_loadable_checkpoints_with_metrics(run):
 def test_eval_results_and_report(run):
     results = pq.read_table(run["run_dir"] / "eval" / "results.parquet")
     eval_ids = manifest(run, "eval")["rows"]["prompts"]
-    assert results.num_rows == 2 * eval_ids
-    assert set(results["model"].to_pylist()) == {"baseline", "proxykd"}
+    assert results.num_rows == 3 * eval_ids
+    assert set(results["model"].to_pylist()) == {"teacher", "baseline", "proxykd"}
     scores = results["score"].to_numpy()
     assert ((scores >= 0) & (scores <= 1)).all()
+    # the local teacher answers from the references: it is always right
+    teacher = results.filter(pa.compute.equal(results["model"], "teacher"))
+    assert teacher["score"].to_numpy().min() == 1.0
+    students = results.filter(pa.compute.not_equal(results["model"], "teacher"))
+    ll, top1 = students["teacher_ll"].to_numpy(), students["teacher_top1"].to_numpy()
+    assert (ll < 0).all() and ((top1 >= 0) & (top1 <= 1)).all()
     report = (run["run_dir"] / "eval" / "report.md").read_text()
     assert "| baseline |" in report and "| proxykd |" in report
 
