@@ -128,7 +128,7 @@ def responses(folder: Path) -> pa.Table:
 
 
 def _local_teacher(prompts: pa.Table):
-    from proxykd.data import MESSAGES_TYPE  # noqa: F401 - schema documented beside the prompts
+    """The stand-in teacher: answers each prompt from its reference."""
     from proxykd.local_teacher import LocalTeacher, lookup_key
 
     table = {}

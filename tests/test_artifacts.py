@@ -5,7 +5,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from proxykd import artifacts
 from proxykd.artifacts import (

@@ -4,7 +4,6 @@ then its artifacts checked against the contracts in DESIGN.md, then a rerun that
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

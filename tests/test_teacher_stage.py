@@ -3,7 +3,6 @@
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import free_port, tiny_config
 from proxykd import artifacts, teacher
