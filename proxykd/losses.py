@@ -26,6 +26,7 @@ __all__ = [
     "sequence_logprobs",
     "dpo_loss",
     "topk_forward_kl",
+    "nll_and_topk_kl",
     "sigmoid_weights",
 ]
 
@@ -104,29 +105,51 @@ def topk_forward_kl(
     """
     shift_logits = logits[:, :-1].float()
     mask = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
-    ids = topk_ids[:, 1:]
-    lp = topk_logprobs[:, 1:].float()
-    mask_k = mask.unsqueeze(-1)
-
     n = mask.sum()
     if n.item() == 0:
         return logits.float().sum() * 0.0
-
     # Sanitise masked positions (arbitrary content there).
-    safe_ids = torch.where(mask_k, ids, torch.zeros_like(ids))
-    lp = torch.where(mask_k, lp, torch.zeros_like(lp))
-
-    log_p = torch.log_softmax(lp, dim=-1)  # [B, T-1, k]
-    p = log_p.exp()
+    safe_ids = torch.where(mask.unsqueeze(-1), topk_ids[:, 1:], torch.zeros_like(topk_ids[:, 1:]))
     log_q = shift_logits.gather(-1, safe_ids) - shift_logits.logsumexp(-1, keepdim=True)
+    return _weighted_kl_sum(log_q, topk_logprobs[:, 1:], mask, weights) / n
 
+
+def _weighted_kl_sum(log_q: Tensor, proxy_logprobs: Tensor, mask: Tensor, weights: Tensor | None) -> Tensor:
+    """Σ_{b,t: mask} w_b Σ_j p_j (log p_j − log_q_j), p = softmax(proxy_logprobs) over k."""
+    mask_k = mask.unsqueeze(-1)
+    lp = torch.where(mask_k, proxy_logprobs.float(), torch.zeros_like(log_q))
+    p = torch.log_softmax(lp, dim=-1).exp()  # [B, T-1, k]
     # xlogy handles p_j = 0 (proxy log-prob -inf) as 0 * log 0 = 0.
     kl = (torch.special.xlogy(p, p) - p * log_q).sum(-1)  # [B, T-1]
     kl = torch.where(mask, kl, torch.zeros_like(kl))
-
     if weights is not None:
         kl = kl * weights.to(kl.dtype).unsqueeze(-1)
-    return kl.sum() / n
+    return kl.sum()
+
+
+def nll_and_topk_kl(
+    logits: Tensor,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(nll_loss(...), topk_forward_kl(...))`` of one batch with a single log-sum-exp over the
+    vocabulary and a single gather (label id and top-k ids together): the vocabulary-wide work, the
+    expensive part, is then the same as for plain SFT."""
+    shift_logits = logits[:, :-1].float()
+    mask = labels[:, 1:] != IGNORE_INDEX
+    n = mask.sum()
+    if n.item() == 0:
+        zero = logits.float().sum() * 0.0
+        return zero, zero
+    mask_k = mask.unsqueeze(-1)
+    target = torch.where(mask, labels[:, 1:], torch.zeros_like(labels[:, 1:])).unsqueeze(-1)
+    ids = torch.where(mask_k, topk_ids[:, 1:], torch.zeros_like(topk_ids[:, 1:]))
+    picked = shift_logits.gather(-1, torch.cat([target, ids.to(target.dtype)], -1))
+    logps = picked - shift_logits.logsumexp(-1, keepdim=True)  # [B, T-1, 1 + k]
+    nll = -torch.where(mask, logps[..., 0], torch.zeros_like(logps[..., 0])).sum() / n
+    return nll, _weighted_kl_sum(logps[..., 1:], topk_logprobs[:, 1:], mask, weights) / n
 
 
 def sigmoid_weights(ll: Tensor, mean, std) -> Tensor:

@@ -96,9 +96,8 @@ def compute_loss(objective: str, logits, t: dict, params: dict):
         nll = losses.nll_loss(logits, t["labels"])
         return nll, {"nll": nll.item()}
     if objective == "kd":
-        nll = losses.nll_loss(logits, t["labels"])
         weights = t["weight"] if params["sample_weighting"] else None
-        kl = losses.topk_forward_kl(logits, t["labels"], t["topk_ids"], t["topk_logprobs"], weights)
+        nll, kl = losses.nll_and_topk_kl(logits, t["labels"], t["topk_ids"], t["topk_logprobs"], weights)
         return nll + params["alpha"] * kl, {"nll": nll.item(), "kl": kl.item()}
     if objective == "dpo":
         B = t["ref_chosen"].shape[0]

@@ -349,3 +349,27 @@ def test_sigmoid_weights_zero_std_clamped():
     out = sigmoid_weights(ll, 0.0, 0.0)
     assert torch.isfinite(out).all()
     assert_close(out, torch.tensor([0.0, 0.5, 1.0]), **ATOL)
+
+
+def test_nll_and_topk_kl_equals_the_separate_losses_and_their_gradients():
+    from proxykd.losses import nll_and_topk_kl
+
+    torch.manual_seed(7)
+    B, T, V, k = 3, 9, 13, 4
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :3] = -100
+    labels[1, :5] = -100
+    labels[2, 6:] = -100  # right padding
+    topk_ids = torch.randint(0, V, (B, T, k))
+    topk_lp = torch.log_softmax(torch.randn(B, T, k), -1).sort(-1, descending=True).values
+    weights = torch.tensor([0.2, 1.0, 0.7])
+    a = torch.randn(B, T, V, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    nll, kl = nll_and_topk_kl(a, labels, topk_ids, topk_lp, weights)
+    ref_nll, ref_kl = nll_loss(b, labels), topk_forward_kl(b, labels, topk_ids, topk_lp, weights)
+    torch.testing.assert_close(nll, ref_nll)
+    torch.testing.assert_close(kl, ref_kl)
+    (nll + 3.0 * kl).backward()
+    (ref_nll + 3.0 * ref_kl).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    assert kl.item() > 0 and nll.item() > 0
