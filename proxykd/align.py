@@ -22,9 +22,8 @@ import pyarrow.parquet as pq
 
 from proxykd import artifacts, training
 from proxykd.config import RunConfig, fingerprint
-from proxykd.encode import IDS, encode_responses, join_teacher
-from proxykd.models import load_tokenizer, materialize_model, model_max_length
-from proxykd.tokenization import response_ids
+from proxykd.encode import IDS, encode_split
+from proxykd.models import load_tokenizer, model_max_length
 from proxykd.vllm_actors import VLLMEngine, engine_kwargs, map_kwargs
 
 log = logging.getLogger("proxykd")
@@ -39,7 +38,7 @@ class RoundSampler(VLLMEngine):
         from transformers import AutoTokenizer
         from vllm import SamplingParams
 
-        self.tokenizer = AutoTokenizer.from_pretrained(engine["tokenizer"])
+        self.eos = AutoTokenizer.from_pretrained(engine["tokenizer"]).eos_token_id
         self.params = SamplingParams(**sampling)
         self.max_length = max_length
 
@@ -48,10 +47,14 @@ class RoundSampler(VLLMEngine):
         starts = batch["response_start"].to_pylist()
         outs = self.generate([ids[:s] for ids, s in zip(chosen, starts)], self.params)
         samples = [o.outputs[0].text for o in outs]
-        rejected = [
-            (ids[:s] + response_ids(self.tokenizer, text))[: self.max_length]
-            for ids, s, text in zip(chosen, starts, samples)
-        ]
+        # Train on the tokens the proxy produced (re-tokenising the text could differ), with eos
+        # where it stopped by itself, as the teacher's answers have.
+        rejected = []
+        for ids, s, o in zip(chosen, starts, outs):
+            sample = list(o.outputs[0].token_ids)
+            if o.outputs[0].finish_reason == "stop" and sample[-1:] != [self.eos]:
+                sample.append(self.eos)
+            rejected.append((ids[:s] + sample)[: self.max_length])
         ref_c = self.score(chosen, starts, 1)
         ref_r = self.score(rejected, starts, 1)
         return pa.table(
@@ -77,7 +80,7 @@ def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, o
     import ray
 
     s = cfg.align.sampling
-    ds = ray.data.from_arrow(rows.select(["id", "input_ids", "response_start"])).map_batches(
+    ds = artifacts.to_dataset(rows.select(["id", "input_ids", "response_start"]), 64).map_batches(
         RoundSampler,
         fn_constructor_kwargs={
             "engine": engine_kwargs(model, model_max_length(model), cfg.seed, cfg.resources, cfg.proxy.dtype),
@@ -93,21 +96,19 @@ def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, o
     return pairs
 
 
-def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str) -> dict:
-    import ray
+def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str, base: str) -> dict:
 
     folder = artifacts.stage_dir(cfg.run_dir, "align")
     h = config_hash(cfg, teacher_hash)
     if done := artifacts.finished_or_begin(folder, h):
         return done
     started = time.time()
-    base = materialize_model(cfg.proxy, Path(cfg.run_dir).resolve() / "models" / "proxy-init", cfg.seed)
     tokenizer = load_tokenizer(base)
     # One position is kept free: vLLM scores a full-length sequence by generating one token after it.
-    max_length = min(cfg.align.warmup.max_length, model_max_length(base) - 1)
+    max_length = min(cfg.align.max_length, model_max_length(base) - 1)
 
-    warm_rows, rejected = encode_responses(tokenizer, join_teacher(prompts, teacher, "warmup"), max_length)
-    proxy_rows, rej = encode_responses(tokenizer, join_teacher(prompts, teacher, "proxy"), max_length)
+    warm_rows, rejected = encode_split(tokenizer, prompts, teacher, "warmup", max_length)
+    proxy_rows, rej = encode_split(tokenizer, prompts, teacher, "proxy", max_length)
     rejected += rej
     if warm_rows.num_rows == 0:
         raise RuntimeError("align: the warm-up split has no teacher responses; add data or raise data.split.warmup")
@@ -118,7 +119,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str)
     if not current.exists():
         log.info("align: warm-up SFT on %d rows", warm_rows.num_rows)
         training.fit(name="align-warmup", objective="sft", model_path=base,
-                     dataset=ray.data.from_arrow(warm_rows.select(["id", "input_ids", "response_start"])),
+                     dataset=artifacts.to_dataset(warm_rows.select(["id", "input_ids", "response_start"]), 256),
                      out_dir=folder / "warmup", train=cfg.align.warmup, resources=cfg.resources, loss={})
     rounds = []
     for k in range(1, cfg.align.rounds + 1):
@@ -134,7 +135,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str)
         rounds.append({"round": k, "teacher_ll_before": float(np.mean(pairs["chosen_ll"].to_numpy()))})
         if not (rdir / "model").exists():
             training.fit(name=f"align-round-{k}", objective="dpo", model_path=str(current),
-                         dataset=ray.data.from_arrow(pairs.drop_columns(["rejected", "chosen_ll"])),
+                         dataset=artifacts.to_dataset(pairs.drop_columns(["rejected", "chosen_ll"]), 256),
                          out_dir=rdir, train=cfg.align.dpo, resources=cfg.resources,
                          loss={"beta": cfg.align.beta, "nll_weight": cfg.align.nll_weight})
         current = rdir / "model"
@@ -144,7 +145,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str)
         folder, "align", h, started,
         inputs={"teacher": teacher_hash, "proxy_init": base},
         model=str(current),
-        rows={"warmup": warm_rows.num_rows, "proxy": proxy_rows.num_rows, "rejected": len(rejected)},
-        rejected=rejected[:1000],
+        rows={"warmup": warm_rows.num_rows, "proxy": proxy_rows.num_rows},
+        **artifacts.write_rejected(folder, rejected),
         rounds=rounds,
     )

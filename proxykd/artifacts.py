@@ -14,7 +14,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -79,14 +79,15 @@ def finished_or_begin(folder: Path, config_hash: str) -> Optional[dict]:
     return None
 
 
-def begin_stage(folder: Path, config_hash: str) -> None:
+def begin_stage(folder: Path, config_hash: str, keep_stale: bool = False) -> None:
     """Open a stage for (re)work. A stale manifest is removed first so a crash cannot leave it
     claiming the new work is done. Shards and checkpoints written under a different config are
-    dropped: resuming is only sound for the same config."""
+    dropped (resuming is only sound for the same config) unless `keep_stale`: the teacher stage
+    keeps every paid response and matches them to requests by `request_key`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").unlink(missing_ok=True)
     marker = folder / ".config_hash"
-    if marker.exists() and marker.read_text() != config_hash:
+    if marker.exists() and marker.read_text() != config_hash and not keep_stale:
         for child in folder.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         log.info("%s: config changed, previous partial work dropped", folder.name)
@@ -115,15 +116,9 @@ def read_shards(folder: Path, columns: Optional[list[str]] = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default")
 
 
-def done_ids(folder: Path, ok_column: Optional[str] = None) -> set[str]:
-    """Ids already written to a stage folder (with `ok_column` null when given: failed rows retry)."""
-    cols = ["id"] + ([ok_column] if ok_column else [])
-    table = read_shards(folder, cols)
-    if table.num_rows == 0:
-        return set()
-    if ok_column:
-        table = table.filter(pa.compute.is_null(table[ok_column]))
-    return set(table["id"].to_pylist())
+def done_ids(folder: Path) -> set[str]:
+    """Ids already written to a stage folder."""
+    return set(read_shards(folder, ["id"])["id"].to_pylist())
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
@@ -132,5 +127,20 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(list(rows), schema=schema)
+def to_dataset(table: pa.Table, rows_per_block: int):
+    """A Ray Dataset of `table` in blocks of `rows_per_block`: the actor pool works on several
+    blocks at once and each finished block is written as its own shard (one block would make a
+    crash lose everything)."""
+    import ray
+
+    n = max(table.num_rows, 1)
+    return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, n, rows_per_block)])
+
+
+REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string())])
+
+
+def write_rejected(folder: Path, rejected: list[dict]) -> dict:
+    """Every rejected row, with its id and why, in `rejected.parquet`; returns manifest fields."""
+    write_table_atomic(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), Path(folder) / "rejected.parquet")
+    return {"rejected_count": len(rejected), "rejected_first": rejected[:20]}

@@ -115,7 +115,6 @@ class TrainConfig(_Strict):
     epochs: int = Field(1, gt=0)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, gt=0, description="per worker")
-    max_length: int = Field(512, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
@@ -132,6 +131,7 @@ class AlignConfig(_Strict):
     with the previous round's proxy as the reference."""
 
     rounds: int = Field(2, ge=0)
+    max_length: int = Field(1024, gt=0, description="prompt + response tokens; longer rows are rejected")
     beta: float = Field(0.1, gt=0)
     nll_weight: float = Field(1.0, ge=0)
     warmup: TrainConfig = Field(default_factory=TrainConfig)
@@ -140,8 +140,10 @@ class AlignConfig(_Strict):
 
 
 class LogitsConfig(_Strict):
+    """Also fixes the student's training rows: distillation reads exactly these sequences."""
+
     top_k: int = Field(10, gt=0)
-    max_length: int = Field(1024, gt=0)
+    max_length: int = Field(1024, gt=0, description="prompt + response tokens; longer rows are rejected")
     batch_size: int = Field(16, gt=0)
 
 

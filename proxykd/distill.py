@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from proxykd import artifacts, training
 from proxykd.config import RunConfig, fingerprint
-from proxykd.models import check_same_vocab, materialize_model
+from proxykd.models import check_same_vocab
 
 log = logging.getLogger("proxykd")
 
@@ -24,7 +23,7 @@ def config_hash(cfg: RunConfig, logits_hash: str) -> str:
     return fingerprint(logits_hash, cfg.student, cfg.distill, cfg.seed)
 
 
-def run(cfg: RunConfig, proxy_path: str, logits_hash: str) -> dict:
+def run(cfg: RunConfig, proxy_path: str, student: str, logits_hash: str) -> dict:
     import ray
 
     folder = artifacts.stage_dir(cfg.run_dir, "distill")
@@ -32,14 +31,13 @@ def run(cfg: RunConfig, proxy_path: str, logits_hash: str) -> dict:
     if done := artifacts.finished_or_begin(folder, h):
         return done
     started = time.time()
-    student = materialize_model(cfg.student, Path(cfg.run_dir).resolve() / "models" / "student-init", cfg.seed + 1)
-    check_same_vocab(proxy_path, student)
+    check_same_vocab(proxy_path, student)  # the aligned proxy's tokenizer, as saved by align
 
     shards = [str(f) for f in artifacts.shard_files(artifacts.stage_dir(cfg.run_dir, "logits"))]
     columns = ["id", "input_ids", "response_start", "topk_ids", "topk_logprobs", "weight"]
     d = cfg.distill
     runs = {"proxykd": (folder, "kd" if d.alpha > 0 else "sft")}
-    if d.baseline:
+    if d.baseline and d.alpha > 0:  # with alpha = 0 the student *is* the baseline
         runs["baseline"] = (folder / "baseline", "sft")
     models, final_loss = {}, {}
     for name, (out_dir, objective) in runs.items():

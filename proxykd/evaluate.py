@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from proxykd import artifacts
 from proxykd.config import RunConfig, fingerprint
 from proxykd.data import extract_answer, score
-from proxykd.encode import encode_responses, join_teacher
+from proxykd.encode import encode_split
 from proxykd.models import load_tokenizer, model_max_length
 from proxykd.vllm_actors import VLLMEngine, engine_kwargs, map_kwargs
 
@@ -55,7 +55,7 @@ def config_hash(cfg: RunConfig, distill_hash: str) -> str:
 def evaluate_model(cfg: RunConfig, model_path: str, rows: pa.Table) -> pa.Table:
     import ray
 
-    ds = ray.data.from_arrow(rows.select(["id", "input_ids", "response_start"])).map_batches(
+    ds = artifacts.to_dataset(rows.select(["id", "input_ids", "response_start"]), 64).map_batches(
         Evaluator,
         fn_constructor_kwargs={
             "engine": engine_kwargs(model_path, model_max_length(model_path), cfg.seed, cfg.resources,
@@ -74,7 +74,8 @@ def report_table(results: pa.Table) -> str:
     for name in results["model"].unique().to_pylist():
         r = results.filter(pc.equal(results["model"], name))
         scores = r["score"].to_numpy()
-        acc = float(np.nanmean(scores >= 1.0)) if len(scores) else math.nan
+        scored = scores[~np.isnan(scores)]  # rows without a reference have no score
+        acc = float(np.mean(scored >= 1.0)) if len(scored) else math.nan
         ll, top1 = np.nanmean(r["teacher_ll"].to_numpy()), np.nanmean(r["teacher_top1"].to_numpy())
         fmt = lambda v: "–" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {name} | {r.num_rows} | {acc:.3f} | {float(np.nanmean(scores)):.3f} | {fmt(ll)} | {fmt(top1)} |")
@@ -88,8 +89,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, models: dict[str, 
         return done
     started = time.time()
     any_model = next(iter(models.values()))
-    rows, rejected = encode_responses(load_tokenizer(any_model), join_teacher(prompts, teacher, "eval"),
-                                      model_max_length(any_model) - 1)
+    rows, rejected = encode_split(load_tokenizer(any_model), prompts, teacher, "eval", model_max_length(any_model) - 1)
     if rows.num_rows == 0:
         raise RuntimeError("eval: no eval prompt has a teacher answer; raise data.eval_fraction")
     meta = {r["id"]: r for r in prompts.select(["id", "reference", "task", "metadata"]).to_pylist()}
@@ -116,5 +116,5 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, models: dict[str, 
         "student reproduces the teacher's answers (teacher-forced), the quantity distillation trains.\n"
     )
     return artifacts.write_manifest(folder, "eval", h, started, inputs={"distill": distill_hash, "models": models},
-                                    rows={"prompts": rows.num_rows, "rejected": len(rejected)},
-                                    rejected=rejected[:1000], table=table)
+                                    rows={"prompts": rows.num_rows}, table=table,
+                                    **artifacts.write_rejected(folder, rejected))

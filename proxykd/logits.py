@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from proxykd import artifacts
 from proxykd.config import RunConfig, fingerprint
 from proxykd.losses import sigmoid_weights
-from proxykd.encode import encode_responses, join_teacher
+from proxykd.encode import encode_split
 from proxykd.models import load_tokenizer, model_max_length
 from proxykd.vllm_actors import Scorer, engine_kwargs, map_kwargs
 
@@ -50,7 +50,6 @@ def config_hash(cfg: RunConfig, align_hash: str) -> str:
 
 
 def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, proxy_path: str, align_hash: str) -> dict:
-    import ray
 
     folder = artifacts.stage_dir(cfg.run_dir, "logits")
     h = config_hash(cfg, align_hash)
@@ -59,15 +58,16 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, proxy_path: str, a
     started = time.time()
     tokenizer = load_tokenizer(proxy_path)
     max_length = min(cfg.logits.max_length, model_max_length(proxy_path) - 1)
-    rows, rejected = encode_responses(tokenizer, join_teacher(prompts, teacher, "student"), max_length)
+    rows, rejected = encode_split(tokenizer, prompts, teacher, "student", max_length)
     have = artifacts.done_ids(folder)
     todo = rows.filter(pc.invert(pc.is_in(rows["id"], pa.array(sorted(have), pa.string()))))
     log.info("logits: %d rows to score, %d stored already, %d rejected", todo.num_rows, len(have), len(rejected))
     if todo.num_rows:
-        ds = ray.data.from_arrow(todo.select(["id", "input_ids", "response_start"])).map_batches(
+        ds = artifacts.to_dataset(todo.select(["id", "input_ids", "response_start"]), cfg.logits.batch_size).map_batches(
             Scorer,
             fn_constructor_kwargs={
-                "engine": engine_kwargs(proxy_path, max_length + 1, cfg.seed, cfg.resources, cfg.proxy.dtype),
+                "engine": engine_kwargs(proxy_path, max_length + 1, cfg.seed, cfg.resources, cfg.proxy.dtype,
+                                        max_logprobs=max(20, cfg.logits.top_k)),
                 "top_k": cfg.logits.top_k,
                 "kv_cache_gb": cfg.resources.vllm_kv_cache_gb,
             },
@@ -81,8 +81,8 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, proxy_path: str, a
     return artifacts.write_manifest(
         folder, "logits", h, started,
         inputs={"align": align_hash, "proxy": proxy_path},
-        rows={"scored": n, "rejected": len(rejected)},
-        rejected=rejected[:1000],
+        rows={"scored": n, "new": todo.num_rows},
+        **artifacts.write_rejected(folder, rejected),
         top_k=cfg.logits.top_k,
         ll_mean=mean, ll_std=std if not math.isnan(std) else None,
     )

@@ -103,15 +103,7 @@ def topk_forward_kl(
 
     ``weights`` [B] default to ones.
     """
-    shift_logits = logits[:, :-1].float()
-    mask = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
-    n = mask.sum()
-    if n.item() == 0:
-        return logits.float().sum() * 0.0
-    # Sanitise masked positions (arbitrary content there).
-    safe_ids = torch.where(mask.unsqueeze(-1), topk_ids[:, 1:], torch.zeros_like(topk_ids[:, 1:]))
-    log_q = shift_logits.gather(-1, safe_ids) - shift_logits.logsumexp(-1, keepdim=True)
-    return _weighted_kl_sum(log_q, topk_logprobs[:, 1:], mask, weights) / n
+    return nll_and_topk_kl(logits, labels, topk_ids, topk_logprobs, weights)[1]
 
 
 def _weighted_kl_sum(log_q: Tensor, proxy_logprobs: Tensor, mask: Tensor, weights: Tensor | None) -> Tensor:

@@ -4,6 +4,7 @@ key reruns exactly the stages downstream of it."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 from proxykd import align, artifacts, distill, evaluate, logits, teacher
 from proxykd.config import RunConfig, fingerprint
 from proxykd.data import build_prompts
+from proxykd.models import check_same_vocab, materialize_model
 
 log = logging.getLogger("proxykd")
 
@@ -41,71 +43,104 @@ def init_ray(cfg: RunConfig) -> None:
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
-def run_prompts(cfg: RunConfig) -> tuple[pa.Table, str]:
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_prompts(cfg: RunConfig) -> tuple[pa.Table, str, str]:
+    """Returns (prompts, hash of the prompts stage, hash of the prompt texts alone). The teacher
+    depends only on the texts: re-splitting never re-buys its answers."""
     folder = artifacts.stage_dir(cfg.run_dir, "prompts")
-    h = fingerprint(cfg.data)
+    source = _file_digest(cfg.data.path) if cfg.data.source == "file" else None
+    h = fingerprint(cfg.data, source)
     if not artifacts.finished_or_begin(folder, h):
         started = time.time()
         table, rejected = build_prompts(cfg.data)
         artifacts.write_table_atomic(table, folder / "prompts.parquet")
         counts = {v["values"]: v["counts"] for v in pc.value_counts(table["split"]).to_pylist()}
-        artifacts.write_manifest(folder, "prompts", h, started, rows={"total": table.num_rows, **counts},
-                                 rejected=rejected[:1000], rejected_count=len(rejected))
+        content = fingerprint(table.select(["id", "messages"]).to_pylist())
+        artifacts.write_manifest(folder, "prompts", h, started,
+                                 inputs={"source": cfg.data.source, "path": cfg.data.path, "file_sha256": source},
+                                 rows={"total": table.num_rows, **counts}, content_hash=content,
+                                 **artifacts.write_rejected(folder, rejected))
         log.info("prompts: %d rows %s, %d rejected", table.num_rows, counts, len(rejected))
-    return pq.read_table(folder / "prompts.parquet"), h
+    manifest = artifacts.read_manifest(folder)
+    return pq.read_table(folder / "prompts.parquet"), h, manifest["content_hash"]
 
 
 class StageNotRun(RuntimeError):
     pass
 
 
+def initial_models(cfg: RunConfig) -> tuple[str, str]:
+    """Proxy and student before any training (tiny ones are built once per spec), and the
+    vocabulary check DESIGN.md asks for at start, before any GPU time is spent."""
+    root = Path(cfg.run_dir).resolve() / "models"
+    proxy = materialize_model(cfg.proxy, root / f"proxy-init-{fingerprint(cfg.proxy, cfg.seed)}", cfg.seed)
+    student = materialize_model(cfg.student, root / f"student-init-{fingerprint(cfg.student, cfg.seed)}", cfg.seed + 1)
+    check_same_vocab(proxy, student)
+    return proxy, student
+
+
 def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
     """Run `stages` in pipeline order. A stage that is not selected must already be done for this
-    config; otherwise the message says which command to run first."""
+    config (its manifest is read); otherwise the message says which command to run first."""
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
     last = max(STAGES.index(s) for s in stages)
     manifests: dict[str, dict] = {}
 
-    def need(stage: str, h: str) -> None:
-        if stage not in stages and not artifacts.is_done(artifacts.stage_dir(cfg.run_dir, stage), h):
-            raise StageNotRun(f"stage '{stage}' has not run for this config: run `proxykd {stage} CONFIG` "
+    def stage(name: str, h: str, work):
+        folder = artifacts.stage_dir(cfg.run_dir, name)
+        if name in stages:
+            manifests[name] = work()
+        elif artifacts.is_done(folder, h):
+            manifests[name] = artifacts.read_manifest(folder)
+        else:
+            raise StageNotRun(f"stage '{name}' has not run for this config: run `proxykd {name} CONFIG` "
                               "or `proxykd run CONFIG` first")
+        return manifests[name]
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    prompts, prompts_hash = run_prompts(cfg)
+    prompts, prompts_hash, content_hash = run_prompts(cfg)
     if last == 0:
         return manifests
     init_ray(cfg)
 
-    teacher_hash = teacher.config_hash(cfg.teacher, prompts_hash)
-    need("teacher", teacher_hash)
-    manifests["teacher"] = teacher.run(cfg.teacher, prompts, prompts_hash, cfg.run_dir)
+    teacher_hash = teacher.config_hash(cfg.teacher, content_hash)
+    stage("teacher", teacher_hash, lambda: teacher.run(cfg.teacher, prompts, content_hash, cfg.run_dir))
     if last == 1:
         return manifests
-    responses = teacher.responses(artifacts.stage_dir(cfg.run_dir, "teacher"))
+    teacher_folder = artifacts.stage_dir(cfg.run_dir, "teacher")
+    responses = teacher.responses(teacher_folder, teacher.request_keys(cfg.teacher, prompts))
+    # Downstream hashes follow the responses actually bought (a retry that adds some reruns them)
+    # and the splits (which live in the prompts hash).
+    answers_hash = fingerprint(prompts_hash, manifests["teacher"]["responses_hash"])
+    proxy_init, student_init = initial_models(cfg)
 
-    align_hash = align.config_hash(cfg, teacher_hash)
-    need("align", align_hash)
-    manifests["align"] = align.run(cfg, prompts, responses, teacher_hash)
+    align_hash = align.config_hash(cfg, answers_hash)
+    stage("align", align_hash, lambda: align.run(cfg, prompts, responses, answers_hash, proxy_init))
     proxy_path = manifests["align"]["model"]
     if last == 2:
         return manifests
 
     logits_hash = logits.config_hash(cfg, align_hash)
-    need("logits", logits_hash)
-    manifests["logits"] = logits.run(cfg, prompts, responses, proxy_path, align_hash)
+    stage("logits", logits_hash, lambda: logits.run(cfg, prompts, responses, proxy_path, align_hash))
     if last == 3:
         return manifests
 
     distill_hash = distill.config_hash(cfg, logits_hash)
-    need("distill", distill_hash)
-    manifests["distill"] = distill.run(cfg, proxy_path, logits_hash)
+    stage("distill", distill_hash, lambda: distill.run(cfg, proxy_path, student_init, logits_hash))
     if last == 4:
         return manifests
 
-    manifests["eval"] = evaluate.run(cfg, prompts, responses, manifests["distill"]["models"], distill_hash)
+    stage("eval", evaluate.config_hash(cfg, distill_hash),
+          lambda: evaluate.run(cfg, prompts, responses, manifests["distill"]["models"], distill_hash))
     return manifests
 
 

@@ -15,6 +15,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,18 +51,36 @@ def request_key(model: str, messages: list[dict], params: dict, sample_index: in
     return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
 
 
+class SecretRef:
+    """An API key kept in Ray's object store. Actors fetch it with `get()`; it never travels as a
+    task argument, a runtime_env variable (Ray logs those) or a config value, and never prints."""
+
+    def __init__(self, value: str):
+        import ray
+
+        self._ref = ray.put(value)
+
+    def get(self) -> str:
+        import ray
+
+        return ray.get(self._ref)
+
+    def __repr__(self) -> str:
+        return "SecretRef(***)"
+
+
 class TeacherCaller:
     """Ray Data actor: one async client, bounded concurrency, failures become rows with `error`."""
 
-    def __init__(self, base_url: str, cfg: dict):
+    def __init__(self, base_url: str, cfg: dict, api_key: Optional[SecretRef]):
         import openai
 
         self.cfg = TeacherConfig(**cfg)
-        # The key is read here, inside the actor, from the environment: it never travels in
-        # task arguments, configs or artifacts.
-        api_key = os.environ.get(self.cfg.api_key_env) or "none"
         self.client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key, max_retries=self.cfg.max_retries, timeout=self.cfg.timeout_s
+            base_url=base_url,
+            api_key=api_key.get() if api_key else "unused",
+            max_retries=self.cfg.max_retries,
+            timeout=self.cfg.timeout_s,
         )
         self.params = sampling_params(self.cfg)
         self.loop = asyncio.new_event_loop()
@@ -108,17 +127,26 @@ class TeacherCaller:
         return pa.Table.from_pylist(self.loop.run_until_complete(self._run(rows)), schema=TEACHER_SCHEMA)
 
 
-def config_hash(cfg: TeacherConfig, prompts_hash: str) -> str:
+def config_hash(cfg: TeacherConfig, prompts_content_hash: str) -> str:
     # Operational knobs (concurrency, actors, retries, timeout) do not change what is bought.
-    return fingerprint(prompts_hash, cfg.base_url, cfg.model, sampling_params(cfg))
+    return fingerprint(prompts_content_hash, cfg.base_url, cfg.model, sampling_params(cfg))
 
 
-def responses(folder: Path) -> pa.Table:
-    """Successful teacher responses, one per id."""
+def request_keys(cfg: TeacherConfig, prompts: pa.Table) -> list[str]:
+    params = sampling_params(cfg)
+    return [request_key(cfg.model, m, params) for m in prompts["messages"].to_pylist()]
+
+
+def responses(folder: Path, keys: Optional[list[str]] = None) -> pa.Table:
+    """Successful teacher responses, one per id; with `keys`, only those answering one of these
+    requests (a stored response to a request no longer made is kept on disk but not used)."""
     table = artifacts.read_shards(folder)
     if table.num_rows == 0:
         return table
-    table = table.filter(pc.is_null(table["error"]))
+    ok = pc.is_null(table["error"])
+    if keys is not None:
+        ok = pc.and_(ok, pc.is_in(table["request_key"], pa.array(keys, pa.string())))
+    table = table.filter(ok)
     seen, keep = set(), []
     for i, rid in enumerate(table["id"].to_pylist()):
         if rid not in seen:
@@ -138,47 +166,50 @@ def _local_teacher(prompts: pa.Table):
     return LocalTeacher(table)
 
 
-def run(cfg: TeacherConfig, prompts: pa.Table, prompts_hash: str, run_dir: str) -> dict:
+class MissingAPIKey(RuntimeError):
+    pass
+
+
+def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_dir: str) -> dict:
     import ray
 
     folder = artifacts.stage_dir(run_dir, "teacher")
-    h = config_hash(cfg, prompts_hash)
+    h = config_hash(cfg, prompts_content_hash)
     if artifacts.is_done(folder, h):
         manifest = artifacts.read_manifest(folder)
         if not manifest["rows"]["failed"]:
             log.info("teacher: done already (%s), skipped", folder)
             return manifest
         log.info("teacher: retrying the %d requests that failed last time", manifest["rows"]["failed"])
+    api_key = os.environ.get(cfg.api_key_env)
+    if cfg.base_url is not None and not api_key:
+        raise MissingAPIKey(f"teacher.base_url is {cfg.base_url} but the environment variable "
+                            f"{cfg.api_key_env} (teacher.api_key_env) is not set")
     started = time.time()
-    artifacts.begin_stage(folder, h)
+    artifacts.begin_stage(folder, h, keep_stale=True)
 
-    # The eval split is asked too: the report compares students with the teacher's own answers.
-    todo = prompts
-    have = artifacts.done_ids(folder, ok_column="error")
-    todo = todo.filter(pc.invert(pc.is_in(todo["id"], pa.array(sorted(have), pa.string()))))
-    log.info("teacher: %d prompts to ask, %d answered already", todo.num_rows, len(have))
+    keys = request_keys(cfg, prompts)
+    answered = set(responses(folder, keys)["request_key"].to_pylist()) if artifacts.shard_files(folder) else set()
+    todo = prompts.filter(pc.invert(pc.is_in(pa.array(keys, pa.string()), pa.array(sorted(answered), pa.string()))))
+    log.info("teacher: %d prompts to ask, %d answered already", todo.num_rows, prompts.num_rows - todo.num_rows)
 
     server = _local_teacher(prompts) if cfg.base_url is None else nullcontext()
     with server:
         base_url = cfg.base_url or server.base_url
         if todo.num_rows:
-            ds = ray.data.from_arrow(todo.select(["id", "messages"])).map_batches(
+            batch_size = max(cfg.concurrency * 4, 16)
+            artifacts.to_dataset(todo.select(["id", "messages"]), batch_size).map_batches(
                 TeacherCaller,
-                fn_constructor_kwargs={"base_url": base_url, "cfg": cfg.model_dump()},
+                fn_constructor_kwargs={"base_url": base_url, "cfg": cfg.model_dump(),
+                                       "api_key": SecretRef(api_key) if api_key and cfg.base_url else None},
                 batch_format="pyarrow",
-                batch_size=max(cfg.concurrency * 4, 16),
+                batch_size=batch_size,
                 compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                 num_cpus=0.5,
-                # The key travels to the actors in their environment only (Ray's runtime_env),
-                # never as an argument, a config value or a column.
-                runtime_env={"env_vars": {cfg.api_key_env: os.environ[cfg.api_key_env]}}
-                if cfg.api_key_env in os.environ else None,
-            )
-            ds.write_parquet(str(folder))
+            ).write_parquet(str(folder))
 
-    all_rows = artifacts.read_shards(folder)
-    ok = responses(folder)
-    failed_ids = sorted(set(all_rows["id"].to_pylist()) - set(ok["id"].to_pylist()))
+    ok = responses(folder, keys)
+    failed_ids = sorted(set(prompts["id"].to_pylist()) - set(ok["id"].to_pylist()))
     for rid in failed_ids[:20]:
         log.warning("teacher: %s failed (will be retried on the next run)", rid)
     return artifacts.write_manifest(
@@ -186,9 +217,11 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_hash: str, run_dir: str) 
         "teacher",
         h,
         started,
-        inputs={"prompts": prompts_hash, "base_url": cfg.base_url or "local-teacher", "model": cfg.model},
+        inputs={"prompts": prompts_content_hash, "base_url": cfg.base_url or "local-teacher", "model": cfg.model},
         rows={"asked": todo.num_rows, "ok": ok.num_rows, "failed": len(failed_ids)},
         failed_ids=failed_ids[:1000],
+        # What downstream stages hash: changes whenever a retry adds responses.
+        responses_hash=fingerprint(sorted(ok["request_key"].to_pylist())),
         tokens={
             "prompt": int(pc.sum(ok["prompt_tokens"]).as_py() or 0),
             "completion": int(pc.sum(ok["completion_tokens"]).as_py() or 0),

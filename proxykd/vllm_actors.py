@@ -1,10 +1,10 @@
 """vLLM engines as Ray Data actors (`map_batches(..., compute=ActorPoolStrategy(...))`).
 
-- `Sampler` generates a response for each prompt (proxy samples ŷ in alignment, student
-  generations in eval).
+- `VLLMEngine` holds one engine with `generate` (sampling) and `score` (teacher-forced top-k);
+  the alignment round sampler and the evaluator build on it.
 - `Scorer` runs a teacher-forced pass over (prompt + response) with `prompt_logprobs` and returns
   the top-k token ids/log-probs at every response position, plus the sum and mean log-likelihood of
-  the response. It is used for the logits stage and for the DPO reference log-probs.
+  the response (the logits stage).
 
 Batches are pyarrow tables; token ids travel as int32 lists.
 """
@@ -20,7 +20,8 @@ import pyarrow as pa
 from proxykd.config import ResourcesConfig
 
 
-def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: ResourcesConfig, dtype: str = "auto") -> dict:
+def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: ResourcesConfig, dtype: str = "auto",
+                  max_logprobs: int = 20) -> dict:
     kwargs = {
         "model": model_path,
         "tokenizer": model_path,
@@ -30,6 +31,7 @@ def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: Resources
         "seed": seed,
         # Prefix caching drops prompt log-probs of cached positions: always off here.
         "enable_prefix_caching": False,
+        "max_logprobs": max_logprobs,  # vLLM refuses top-k above this (default 20)
     }
     if res.vllm_gpus_per_actor > 0:
         kwargs["gpu_memory_utilization"] = res.vllm_gpu_memory_utilization
@@ -73,22 +75,6 @@ class VLLMEngine:
         return [topk_from_prompt_logprobs(o.prompt_logprobs, ids, s, k) for o, ids, s in zip(outs, input_ids, starts)]
 
 
-class Sampler(VLLMEngine):
-    """Adds `sample` (text) and `sample_finish_reason` to batches with `prompt_ids`."""
-
-    def __init__(self, engine: dict, sampling: dict, kv_cache_gb: int = 1):
-        super().__init__(engine, kv_cache_gb)
-        from vllm import SamplingParams
-
-        self.params = SamplingParams(**sampling)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        outs = self.generate(batch["prompt_ids"].to_pylist(), self.params)
-        return batch.append_column("sample", pa.array([o.outputs[0].text for o in outs], pa.string())).append_column(
-            "sample_finish_reason", pa.array([o.outputs[0].finish_reason for o in outs], pa.string())
-        )
-
-
 def topk_from_prompt_logprobs(
     prompt_logprobs, input_ids: list[int], response_start: int, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,11 +98,11 @@ def topk_from_prompt_logprobs(
     return ids, lps, actual
 
 
-def logprob_columns(results: list[tuple], prefix: str = "") -> dict[str, pa.Array]:
+def logprob_columns(results: list[tuple]) -> dict[str, pa.Array]:
     """`ll` (mean response log-likelihood) and `ll_sum` columns from `score` results."""
     return {
-        f"{prefix}ll": pa.array([float(r[2].mean()) if len(r[2]) else 0.0 for r in results], pa.float64()),
-        f"{prefix}ll_sum": pa.array([float(r[2].sum()) for r in results], pa.float64()),
+        "ll": pa.array([float(r[2].mean()) if len(r[2]) else 0.0 for r in results], pa.float64()),
+        "ll_sum": pa.array([float(r[2].sum()) for r in results], pa.float64()),
     }
 
 

@@ -41,11 +41,11 @@ def tiny_config(run_dir, **sections) -> dict:
         "teacher": {"max_tokens": 32, "max_retries": 0, "timeout_s": 10},
         "proxy": {"tiny": {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128}},
         "student": {"tiny": {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128}},
-        "align": {"rounds": 1, "warmup": {"epochs": 2, "batch_size": 8, "max_length": 96},
-                  "dpo": {"epochs": 1, "batch_size": 8, "max_length": 96},
+        "align": {"rounds": 1, "max_length": 96, "warmup": {"epochs": 2, "batch_size": 8},
+                  "dpo": {"epochs": 1, "batch_size": 8},
                   "sampling": {"max_tokens": 16}},
-        "logits": {"top_k": 5, "max_length": 96},
-        "distill": {"alpha": 1.0, "train": {"epochs": 1, "batch_size": 8, "max_length": 96}},
+        "logits": {"top_k": 5},
+        "distill": {"alpha": 1.0, "train": {"epochs": 1, "batch_size": 8}},
         "eval": {"max_tokens": 16},
     }
     for key, value in sections.items():

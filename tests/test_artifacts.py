@@ -132,13 +132,29 @@ def test_read_shards_concatenates_and_selects(tmp_path):
     assert read_shards(tmp_path / "nothing").num_rows == 0
 
 
-def test_done_ids_excludes_failed_rows(tmp_path):
+def test_done_ids_reads_every_shard(tmp_path):
     pq.write_table(_table(["a", "b", "c"], error=[None, "timeout", None]), tmp_path / "0.parquet")
     pq.write_table(_table(["d", "e"], error=["HTTP 500", None]), tmp_path / "1.parquet")
-    assert done_ids(tmp_path, ok_column="error") == {"a", "c", "e"}
     assert done_ids(tmp_path) == {"a", "b", "c", "d", "e"}
     assert done_ids(tmp_path / "empty") == set()
-    assert done_ids(tmp_path / "empty", ok_column="error") == set()
+
+
+def test_begin_stage_keep_stale_keeps_shards_of_another_config(tmp_path):
+    begin_stage(tmp_path, "h1")
+    pq.write_table(_table(["a"], error=[None]), tmp_path / "0.parquet")
+    begin_stage(tmp_path, "h2", keep_stale=True)
+    assert done_ids(tmp_path) == {"a"}
+    begin_stage(tmp_path, "h3")
+    assert done_ids(tmp_path) == set()
+
+
+def test_write_rejected_keeps_every_row(tmp_path):
+    from proxykd.artifacts import write_rejected
+
+    rows = [{"id": f"r{i}", "error": "too long"} for i in range(1500)]
+    fields = write_rejected(tmp_path, rows)
+    assert fields["rejected_count"] == 1500 and fields["rejected_first"] == rows[:20]
+    assert pq.read_table(tmp_path / "rejected.parquet").to_pylist() == rows
 
 
 def test_write_table_atomic(tmp_path):
@@ -152,9 +168,3 @@ def test_write_table_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
     assert pq.read_table(path)["id"].to_pylist() == ["s"]
 
-
-def test_rows_to_table_uses_schema():
-    schema = pa.schema([("id", pa.string()), ("n", pa.int32())])
-    t = artifacts.rows_to_table(iter([{"id": "a", "n": 1}, {"id": "b"}]), schema)
-    assert t.schema == schema
-    assert t.to_pylist() == [{"id": "a", "n": 1}, {"id": "b", "n": None}]

@@ -24,8 +24,8 @@ def _ray_pids() -> set[int]:
 
 def test_align_killed_mid_warmup_resumes_from_checkpoint(tmp_path):
     config = tmp_path / "config.yaml"
-    tree = tiny_config(tmp_path / "run", align={"rounds": 1, "warmup": {"epochs": 6, "batch_size": 4, "max_length": 96},
-                                                "dpo": {"epochs": 1, "batch_size": 8, "max_length": 96},
+    tree = tiny_config(tmp_path / "run", align={"rounds": 1, "warmup": {"epochs": 6, "batch_size": 4},
+                                                "dpo": {"epochs": 1, "batch_size": 8},
                                                 "sampling": {"max_tokens": 16}})
     config.write_text(yaml.safe_dump(tree))
     first = _proxykd("teacher", str(config))

@@ -8,7 +8,7 @@ import pytest
 
 from proxykd.config import ModelConfig, TinyModelSpec
 from proxykd.data import PROMPT_SCHEMA
-from proxykd.encode import encode_responses, join_teacher
+from proxykd.encode import encode_responses, encode_split, join_teacher
 from proxykd.models import TokenizerMismatch, check_same_vocab, load_tokenizer, materialize_model
 from proxykd.tokenization import TooLong, encode_example, prompt_ids, response_ids
 
@@ -134,34 +134,54 @@ def _prompts(rows):
 
 
 def test_join_teacher():
-    prompts = _prompts([("s3", "student"), ("s1", "student"), ("w1", "warmup"), ("s2", "student"), ("e1", "eval")])
+    prompts = _prompts([("s3", "student"), ("s1", "student"), ("w1", "warmup"), ("s2", "student"),
+                        ("s4", "student"), ("e1", "eval")])
     teacher = pa.table(
         {
-            "id": ["w1", "s1", "s3", "e1", "zz"],  # s2 has no teacher response; zz is not a prompt
-            "response": ["rw1", "rs1", "rs3", "re1", "rzz"],
+            "id": ["w1", "s1", "s3", "e1", "zz", "s4"],  # s2 has no teacher response; zz is not a prompt
+            "response": ["rw1", "rs1", "rs3", "re1", "rzz", "rs4 cut"],
+            "finish_reason": ["stop", "stop", "stop", "stop", "stop", "length"],
         }
     )
-    out = join_teacher(prompts, teacher, "student")
+    out, rejected = join_teacher(prompts, teacher, "student")
     assert out.column_names == ["id", "messages", "response"]
     assert out["id"].to_pylist() == ["s1", "s3"]  # sorted by id
     assert out["response"].to_pylist() == ["rs1", "rs3"]
     assert out["messages"].to_pylist() == [[{"role": "user", "content": "q s1"}], [{"role": "user", "content": "q s3"}]]
-    w = join_teacher(prompts, teacher, "warmup")
+    assert {r["id"]: r["error"] for r in rejected} == {
+        "s2": "no teacher response", "s4": "teacher response cut off at teacher.max_tokens"}
+    w, _ = join_teacher(prompts, teacher, "warmup")
     assert w["id"].to_pylist() == ["w1"] and w["response"].to_pylist() == ["rw1"]
 
 
 def test_join_teacher_empty_split():
     prompts = _prompts([("s1", "student"), ("w1", "warmup")])
-    teacher = pa.table({"id": ["w1"], "response": ["rw1"]})
-    out = join_teacher(prompts, teacher, "student")
-    assert out.num_rows == 0
+    teacher = pa.table({"id": ["w1"], "response": ["rw1"], "finish_reason": ["stop"]})
+    out, rejected = join_teacher(prompts, teacher, "student")
+    assert out.num_rows == 0 and [r["id"] for r in rejected] == ["s1"]
     assert out.column_names == ["id", "messages", "response"]
+
+
+def test_encode_split_reports_a_row_the_chat_template_refuses(tok):
+    prompts = _prompts([("ok", "student"), ("bad", "student")])
+    # a template that raises on a marker, as real templates do for unsupported roles
+    tok2 = type(tok).from_pretrained(tok.name_or_path)
+    tok2.chat_template = (
+        "{% for m in messages %}{% if 'BAD' in m['content'] %}{{ raise_exception('unsupported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    prompts = prompts.set_column(1, "messages", pa.array(
+        [[{"role": "user", "content": "fine"}], [{"role": "user", "content": "BAD"}]], prompts.schema.field("messages").type))
+    teacher = pa.table({"id": ["ok", "bad"], "response": ["a", "b"], "finish_reason": ["stop", "stop"]})
+    rows, rejected = encode_split(tok2, prompts, teacher, "student", 64)
+    assert rows["id"].to_pylist() == ["ok"]
+    assert [r["id"] for r in rejected] == ["bad"] and "cannot tokenise" in rejected[0]["error"]
 
 
 def test_join_then_encode(tok):
     prompts = _prompts([("b", "proxy"), ("a", "proxy"), ("c", "student")])
-    teacher = pa.table({"id": ["a", "b", "c"], "response": ["ra", "rb", "rc"]})
-    out, rejected = encode_responses(tok, join_teacher(prompts, teacher, "proxy"), max_length=128)
+    teacher = pa.table({"id": ["a", "b", "c"], "response": ["ra", "rb", "rc"], "finish_reason": ["stop"] * 3})
+    out, rejected = encode_split(tok, prompts, teacher, "proxy", max_length=128)
     assert rejected == []
     assert out["id"].to_pylist() == ["a", "b"]
     for row in out.to_pylist():

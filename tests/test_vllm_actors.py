@@ -8,8 +8,8 @@ import torch
 from proxykd.config import ModelConfig, ResourcesConfig, TinyModelSpec
 from proxykd.encode import IDS
 from proxykd.models import load_tokenizer, materialize_model
-from proxykd.tokenization import encode_example, prompt_ids
-from proxykd.vllm_actors import Sampler, Scorer, engine_kwargs
+from proxykd.tokenization import encode_example
+from proxykd.vllm_actors import Scorer, engine_kwargs
 
 K = 5
 EXAMPLES = [
@@ -63,24 +63,28 @@ def test_scorer_matches_transformers_forward(model, scorer):
         assert row["ll"] == pytest.approx(float(actual.mean()), abs=1e-4)
 
 
-def test_sampler_is_deterministic_at_temperature_zero(model, scorer):
-    # Reuses the scorer's engine: one engine per module keeps this file fast.
-    sampler = Sampler.__new__(Sampler)
-    sampler.llm = scorer.llm
-    from vllm import SamplingParams
-
-    sampler.params = SamplingParams(temperature=0.0, max_tokens=6)
-    tok = load_tokenizer(model)
-    ids = [prompt_ids(tok, m) for m, _ in EXAMPLES]
-    batch = pa.table({"id": ["a", "b", "c"], "prompt_ids": pa.array(ids, IDS)})
-    first, second = sampler(batch), sampler(batch)
-    assert first["sample"].to_pylist() == second["sample"].to_pylist()
-    assert set(first["sample_finish_reason"].to_pylist()) <= {"stop", "length"}
-    # greedy decoding = argmax of a plain forward for the first token
+def test_evaluator_greedy_answers_and_teacher_scores(model, scorer):
     from transformers import AutoModelForCausalLM
 
+    from proxykd.evaluate import Evaluator
+
+    # Reuses the scorer's engine: one engine per module keeps this file fast.
+    evaluator = Evaluator.__new__(Evaluator)
+    evaluator.llm = scorer.llm
+    from vllm import SamplingParams
+
+    evaluator.params = SamplingParams(temperature=0.0, max_tokens=6)
+    tok = load_tokenizer(model)
+    encoded = [encode_example(tok, m, r, 512) for m, r in EXAMPLES]
+    batch = pa.table({"id": ["a", "b", "c"], "input_ids": pa.array([e[0] for e in encoded], IDS),
+                      "response_start": pa.array([e[1] for e in encoded], pa.int32())})
+    first, second = evaluator(batch), evaluator(batch)
+    assert first["sample"].to_pylist() == second["sample"].to_pylist()  # greedy: deterministic
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    with torch.no_grad():
-        nxt = hf(torch.tensor([ids[0]])).logits[0, -1].argmax().item()
-    out = sampler.generate([ids[0]], sampler.params)[0].outputs[0]
-    assert out.token_ids[0] == nxt
+    for row, (ids, start) in zip(first.to_pylist(), encoded):
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+        ref = logp[start - 1 : len(ids) - 1]
+        target = torch.tensor(ids[start:])
+        assert row["teacher_ll"] == pytest.approx(ref[torch.arange(len(target)), target].mean().item(), abs=1e-4)
+        assert row["teacher_top1"] == pytest.approx((ref.argmax(-1) == target).float().mean().item())
