@@ -99,6 +99,8 @@ def shard_files(folder: Path) -> list[Path]:
     footer: it is deleted (its rows are redone) instead of poisoning every later read."""
     files = []
     for path in sorted(Path(folder).glob("*.parquet")):
+        if path.name == REJECTED_FILE:
+            continue
         try:
             pq.read_metadata(path)
         except Exception:  # noqa: BLE001 - any unreadable file is a partial write
@@ -138,9 +140,10 @@ def to_dataset(table: pa.Table, rows_per_block: int):
 
 
 REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string())])
+REJECTED_FILE = "rejected.parquet"  # beside the shards, never one of them
 
 
 def write_rejected(folder: Path, rejected: list[dict]) -> dict:
     """Every rejected row, with its id and why, in `rejected.parquet`; returns manifest fields."""
-    write_table_atomic(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), Path(folder) / "rejected.parquet")
+    write_table_atomic(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), Path(folder) / REJECTED_FILE)
     return {"rejected_count": len(rejected), "rejected_first": rejected[:20]}

@@ -3,7 +3,6 @@ Hugging Face folders, and check that proxy and student share a vocabulary."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -107,5 +106,9 @@ def check_same_vocab(proxy_path: str, student_path: str) -> None:
 
 
 def model_max_length(path: str) -> int:
-    cfg = json.loads((Path(path) / "config.json").read_text()) if Path(path).is_dir() else {}
-    return int(cfg.get("max_position_embeddings", 2048))
+    """The model's context length (a local folder or a hub id)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(getattr(text_cfg, "max_position_embeddings", None) or 2048)

@@ -44,7 +44,7 @@ def tiny_config(run_dir, **sections) -> dict:
         "align": {"rounds": 1, "max_length": 96, "warmup": {"epochs": 2, "batch_size": 8},
                   "dpo": {"epochs": 1, "batch_size": 8},
                   "sampling": {"max_tokens": 16}},
-        "logits": {"top_k": 5},
+        "logits": {"top_k": 5, "batch_size": 8},
         "distill": {"alpha": 1.0, "train": {"epochs": 1, "batch_size": 8}},
         "eval": {"max_tokens": 16},
     }

@@ -155,6 +155,7 @@ def test_write_rejected_keeps_every_row(tmp_path):
     fields = write_rejected(tmp_path, rows)
     assert fields["rejected_count"] == 1500 and fields["rejected_first"] == rows[:20]
     assert pq.read_table(tmp_path / "rejected.parquet").to_pylist() == rows
+    assert shard_files(tmp_path) == []  # never mistaken for a shard
 
 
 def test_write_table_atomic(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import free_port, tiny_config
+from proxykd.artifacts import shard_files
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prompts", "teacher", "align", "logits", "distill", "eval"]
@@ -72,7 +73,7 @@ def test_job_runs_every_stage_and_prints_the_eval_table(run):
 def test_prompts_and_teacher_artifacts(run):
     prompts = pq.read_table(run["run_dir"] / "prompts" / "prompts.parquet")
     assert set(prompts["split"].to_pylist()) == {"warmup", "proxy", "student", "eval"}
-    shards = sorted((run["run_dir"] / "teacher").glob("*.parquet"))
+    shards = shard_files(run["run_dir"] / "teacher")
     teacher = pa.concat_tables([pq.read_table(f) for f in shards])
     assert teacher.column_names == ["id", "messages", "response", "finish_reason", "model", "prompt_tokens",
                                     "completion_tokens", "request_key", "error"]
@@ -87,7 +88,8 @@ def test_align_rounds_and_logits_contract(run):
     assert samples.column_names == ["id", "rejected"] and samples.num_rows == align["rows"]["proxy"]
     assert align["model"].endswith("round-1/model") and Path(align["model"], "config.json").exists()
 
-    files = sorted((run["run_dir"] / "logits").glob("*.parquet"))
+    files = shard_files(run["run_dir"] / "logits")
+    assert len(files) > 1  # written block by block, not as one file at the end
     logits = pa.concat_tables([pq.read_table(f) for f in files])
     schema = logits.schema
     assert schema.field("input_ids").type == pa.list_(pa.int32())
