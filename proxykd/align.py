@@ -97,7 +97,6 @@ def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, o
 
 
 def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str, base: str) -> dict:
-
     folder = artifacts.stage_dir(cfg.run_dir, "align")
     h = config_hash(cfg, teacher_hash)
     if done := artifacts.finished_or_begin(folder, h):

@@ -50,7 +50,6 @@ def config_hash(cfg: RunConfig, align_hash: str) -> str:
 
 
 def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, proxy_path: str, align_hash: str) -> dict:
-
     folder = artifacts.stage_dir(cfg.run_dir, "logits")
     h = config_hash(cfg, align_hash)
     if done := artifacts.finished_or_begin(folder, h):
