@@ -34,12 +34,10 @@ class RoundSampler(VLLMEngine):
     same engine: these are the DPO reference log-probs of this round."""
 
     def __init__(self, engine: dict, sampling: dict, max_length: int, kv_cache_gb: int = 1):
-        super().__init__(engine, kv_cache_gb)
+        super().__init__(engine, kv_cache_gb, sampling)
         from transformers import AutoTokenizer
-        from vllm import SamplingParams
 
         self.eos = AutoTokenizer.from_pretrained(engine["tokenizer"]).eos_token_id
-        self.params = SamplingParams(**sampling)
         self.max_length = max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -29,12 +29,6 @@ class Evaluator(VLLMEngine):
     """Adds `sample` (the model's answer), `teacher_ll` and `teacher_top1` to batches with
     `input_ids` (prompt + teacher answer) and `response_start`."""
 
-    def __init__(self, engine: dict, sampling: dict, kv_cache_gb: int = 1):
-        super().__init__(engine, kv_cache_gb)
-        from vllm import SamplingParams
-
-        self.params = SamplingParams(**sampling)
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, starts = batch["input_ids"].to_pylist(), batch["response_start"].to_pylist()
         outs = self.generate([x[:s] for x, s in zip(ids, starts)], self.params)

@@ -142,7 +142,7 @@ def responses(folder: Path, keys: Optional[list[str]] = None) -> pa.Table:
     requests (a stored response to a request no longer made is kept on disk but not used)."""
     table = artifacts.read_shards(folder)
     if table.num_rows == 0:
-        return table
+        return TEACHER_SCHEMA.empty_table()
     ok = pc.is_null(table["error"])
     if keys is not None:
         ok = pc.and_(ok, pc.is_in(table["request_key"], pa.array(keys, pa.string())))
@@ -189,7 +189,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     artifacts.begin_stage(folder, h, keep_stale=True)
 
     keys = request_keys(cfg, prompts)
-    answered = set(responses(folder, keys)["request_key"].to_pylist()) if artifacts.shard_files(folder) else set()
+    answered = set(responses(folder, keys)["request_key"].to_pylist())
     todo = prompts.filter(pc.invert(pc.is_in(pa.array(keys, pa.string()), pa.array(sorted(answered), pa.string()))))
     log.info("teacher: %d prompts to ask, %d answered already", todo.num_rows, prompts.num_rows - todo.num_rows)
 

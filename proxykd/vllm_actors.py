@@ -54,11 +54,14 @@ def map_kwargs(res: ResourcesConfig, batch_size: int) -> dict:
 
 
 class VLLMEngine:
-    def __init__(self, engine: dict, kv_cache_gb: int = 1):
+    """One engine; `sampling` (SamplingParams keywords) sets `self.params` for `generate`."""
+
+    def __init__(self, engine: dict, kv_cache_gb: int = 1, sampling: dict | None = None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
-        from vllm import LLM
+        from vllm import LLM, SamplingParams
 
         self.llm = LLM(**engine)
+        self.params = SamplingParams(**sampling) if sampling is not None else None
 
     def generate(self, prompt_ids: list[list[int]], params) -> list:
         from vllm.inputs import TokensPrompt
