@@ -97,18 +97,40 @@ class DataConfig(_Strict):
 
 class TeacherConfig(_Strict):
     """The black-box teacher. `base_url: null` starts proxykd's local teacher server, which answers
-    from each prompt's reference (the stand-in when no API key is configured)."""
+    from each prompt's reference (the stand-in when no API key is configured).
+
+    What is bought (model, endpoint, sampling, n) decides the stored answers; everything else here
+    (concurrency, limits, retries, prices, budget) is operational and never invalidates them."""
 
     base_url: Optional[str] = None
     model: str = "local-teacher"
     api_key_env: str = "OPENAI_API_KEY"
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat", description="chat: /chat/completions with the messages; completions: /completions "
+        "with the message contents joined by blank lines")
+    n: int = Field(1, ge=1, le=128, description="samples per prompt, asked in one request")
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, gt=0)
     concurrency: int = Field(8, gt=0, description="in-flight requests per actor")
     num_actors: int = Field(1, gt=0)
-    max_retries: int = Field(3, ge=0)
+    requests_per_minute: Optional[float] = Field(None, gt=0, description="run-wide, all actors together")
+    tokens_per_minute: Optional[float] = Field(
+        None, gt=0, description="run-wide; a request counts its estimated prompt tokens + max_tokens·n "
+        "until its real usage is known")
+    max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(0.5, gt=0, description="first retry waits about this long, doubling")
+    max_backoff_s: float = Field(30.0, gt=0)
     timeout_s: float = Field(60.0, gt=0)
+    max_prompt_tokens: int = Field(
+        16000, gt=0, description="prompts estimated longer (UTF-8 bytes / 4) are rejected before any call")
+    price_per_million_prompt_tokens: float = Field(0.0, ge=0, description="USD, for the cost estimate")
+    price_per_million_completion_tokens: float = Field(0.0, ge=0)
+    max_cost: Optional[float] = Field(
+        None, gt=0, description="USD over everything this stage folder bought; the stage stops cleanly "
+        "when the next request could exceed it")
+    max_total_tokens: Optional[int] = Field(None, gt=0, description="the same budget in tokens")
+    progress_every_s: float = Field(10.0, gt=0)
 
 
 class TrainConfig(_Strict):

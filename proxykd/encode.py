@@ -14,24 +14,39 @@ log = logging.getLogger("proxykd")
 IDS = pa.list_(pa.int32())
 
 
-def join_teacher(prompts: pa.Table, teacher: pa.Table, split: str) -> tuple[pa.Table, list[dict]]:
-    """Rows of one split with a complete teacher response (id, messages, response), and the rows
-    left out as {id, error}: no response, or one cut off at teacher.max_tokens (training on it
-    with an eos appended would teach the student to stop mid-answer)."""
+def sample_id(prompt_id: str, sample_index: int) -> str:
+    """The row id of one teacher sample: the prompt's id for sample 0, `<id>#<k>` for the others
+    (teacher.n > 1), so every later stage stays keyed by a unique id."""
+    return prompt_id if sample_index == 0 else f"{prompt_id}#{sample_index}"
+
+
+def join_teacher(prompts: pa.Table, teacher: pa.Table, split: str, all_samples: bool = True) -> tuple[pa.Table, list[dict]]:
+    """Rows of one split with a complete teacher response (id, messages, response), one per teacher
+    sample (only the first, under the prompt's id, with `all_samples=False`), and the rows left out as {id, error}: no
+    response, or one cut off at teacher.max_tokens (training on it with an eos appended would
+    teach the student to stop mid-answer)."""
     rows = prompts.filter(pc.equal(prompts["split"], split)).select(["id", "messages"])
+    if "sample_index" not in teacher.column_names:
+        teacher = teacher.append_column("sample_index", pa.array([0] * teacher.num_rows, pa.int32()))
     # (pyarrow's join cannot carry list<struct> columns such as `messages`.)
-    answer = {r["id"]: r for r in teacher.select(["id", "response", "finish_reason"]).to_pylist()}
-    keep, rejected = [], []
+    answers: dict[str, list[dict]] = {}
+    for r in teacher.select(["id", "sample_index", "response", "finish_reason"]).to_pylist():
+        answers.setdefault(r["id"], []).append(r)
+    take, ids, texts, rejected = [], [], [], []
     for i, rid in enumerate(rows["id"].to_pylist()):
-        if rid not in answer:
+        samples = sorted(answers.get(rid, []), key=lambda r: r["sample_index"])
+        if not samples:
             rejected.append({"id": rid, "error": "no teacher response"})
-        elif answer[rid]["finish_reason"] == "length":
-            rejected.append({"id": rid, "error": "teacher response cut off at teacher.max_tokens"})
-        else:
-            keep.append(i)
-    rows = rows.take(pa.array(keep, pa.int64()))
-    responses = pa.array([answer[r]["response"] for r in rows["id"].to_pylist()], pa.string())
-    return rows.append_column("response", responses).sort_by("id"), rejected
+        for r in samples if all_samples else samples[:1]:
+            sid = sample_id(rid, r["sample_index"]) if all_samples else rid
+            if r["finish_reason"] == "length":
+                rejected.append({"id": sid, "error": "teacher response cut off at teacher.max_tokens"})
+                continue
+            take.append(i)
+            ids.append(sid)
+            texts.append(r["response"])
+    out = rows.take(pa.array(take, pa.int64())).set_column(0, "id", pa.array(ids, pa.string()))
+    return out.append_column("response", pa.array(texts, pa.string())).sort_by("id"), rejected
 
 
 def encode_responses(tokenizer, table: pa.Table, max_length: int) -> tuple[pa.Table, list[dict]]:
@@ -58,9 +73,10 @@ def encode_responses(tokenizer, table: pa.Table, max_length: int) -> tuple[pa.Ta
     ), rejected
 
 
-def encode_split(tokenizer, prompts: pa.Table, teacher: pa.Table, split: str, max_length: int) -> tuple[pa.Table, list[dict]]:
+def encode_split(tokenizer, prompts: pa.Table, teacher: pa.Table, split: str, max_length: int,
+                 all_samples: bool = True) -> tuple[pa.Table, list[dict]]:
     """`join_teacher` then `encode_responses`: one split's rows ready for a stage, and every row
     left out with its id and why."""
-    rows, rejected = join_teacher(prompts, teacher, split)
+    rows, rejected = join_teacher(prompts, teacher, split, all_samples)
     rows, too_long = encode_responses(tokenizer, rows, max_length)
     return rows, rejected + too_long

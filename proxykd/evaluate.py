@@ -83,7 +83,8 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, models: dict[str, 
         return done
     started = time.time()
     any_model = next(iter(models.values()))
-    rows, rejected = encode_split(load_tokenizer(any_model), prompts, teacher, "eval", model_max_length(any_model) - 1)
+    rows, rejected = encode_split(load_tokenizer(any_model), prompts, teacher, "eval", model_max_length(any_model) - 1,
+                                  all_samples=False)
     if rows.num_rows == 0:
         raise RuntimeError("eval: no eval prompt has a teacher answer; raise data.eval_fraction")
     meta = {r["id"]: r for r in prompts.select(["id", "reference", "task", "metadata"]).to_pylist()}

@@ -20,31 +20,43 @@ From a shell (FILE has one {"prompt": ..., "response": ...} object per line):
 
     python -m proxykd.local_teacher --responses FILE.jsonl [--port N] [--model NAME]
 
-Every completion request passes through `LocalTeacher._handle`, and every error is a `TeacherError`
-turned into an OpenAI-style error body by one exception handler; that is the place to add fault
-injection (latency, 429 with Retry-After, 5xx) later.
+Real APIs are slow and fail; `Faults` makes this server do the same, at given rates: latency,
+429 with `Retry-After`, 500/503, requests that hang past the client's timeout, truncated JSON
+bodies and empty content. The server counts what it received (`request_count`, `fault_counts`)
+and what it *billed*: a request answered cleanly (200 with content) is billed once per request
+body, and `billed` maps each body's hash to how often it was billed, so a test can show that no
+paid request was sent twice.
+
+    with LocalTeacher(table, faults=Faults(latency_s=0.1, rate_limit=0.05, server_error=0.05)) as t:
+        ...
+        assert max(t.billed.values()) == 1
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
 import json
+import random
 import re
 import socket
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["LocalTeacher", "TeacherError", "load_responses", "lookup_key", "main"]
+__all__ = ["Faults", "LocalTeacher", "TeacherError", "load_responses", "lookup_key", "main"]
 
 _WORD = re.compile(r"\S+")
 STARTUP_TIMEOUT_S = 10.0
@@ -115,6 +127,41 @@ def load_responses(path: str | Path) -> dict[str, str]:
                 raise ValueError(f'{path}:{lineno}: expected an object with string "prompt" and "response"')
             responses[row["prompt"]] = row["response"]
     return responses
+
+
+# ------------------------------------------------------------------------------- fault injection
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What goes wrong, per completion request. Rates are fractions of requests (their sum must be
+    at most 1); each request draws once, so a retried request has a fresh chance."""
+
+    latency_s: float = 0.0  # added to every completion request
+    latency_jitter_s: float = 0.0  # uniform extra latency in [0, latency_jitter_s]
+    rate_limit: float = 0.0  # 429 with a Retry-After header of `retry_after_s`
+    retry_after_s: float = 1.0
+    server_error: float = 0.0  # 500 or 503, half each
+    timeout: float = 0.0  # hang `hang_s` before answering: past the client's timeout
+    hang_s: float = 30.0
+    truncated_json: float = 0.0  # 200 with the JSON body cut in half
+    empty_content: float = 0.0  # 200 with content "" (a real API bills these)
+    seed: int = 0
+
+    def __post_init__(self):
+        rates = (self.rate_limit, self.server_error, self.timeout, self.truncated_json, self.empty_content)
+        if any(r < 0 for r in rates) or sum(rates) > 1:
+            raise ValueError(f"fault rates must be >= 0 and sum to at most 1, got {rates}")
+        if min(self.latency_s, self.latency_jitter_s, self.retry_after_s, self.hang_s) < 0:
+            raise ValueError("fault times must be >= 0")
+
+    def draw(self, u: float) -> Optional[str]:
+        """The fault for a uniform draw `u` in [0, 1), or None for a clean answer."""
+        for name in ("rate_limit", "server_error", "timeout", "truncated_json", "empty_content"):
+            u -= getattr(self, name)
+            if u < 0:
+                return name
+        return None
 
 
 # ----------------------------------------------------------------------------- request schemas
@@ -195,8 +242,15 @@ class LocalTeacher:
         host: str = "127.0.0.1",
         port: int = 0,
         fallback: str = "I don't know.",
+        faults: Optional[Faults] = None,
     ):
         self.responses = dict(responses)
+        self.faults = faults or Faults()
+        self._random = random.Random(self.faults.seed)
+        self.fault_counts: Counter = Counter()  # fault name -> requests that drew it
+        self.billed: Counter = Counter()  # request body hash -> clean answers to it
+        self.received: Counter = Counter()  # prompt (lookup key or completion prompt) -> requests
+        self.arrivals: list[float] = []  # time.monotonic() of each completion request
         self.model = model
         self.host = host
         self.port = port
@@ -331,17 +385,55 @@ class LocalTeacher:
 
         return app
 
-    async def _handle(self, request: Request, answer) -> dict:
-        """Every completion request goes through here: count it, read its JSON body, answer it."""
+    async def _handle(self, request: Request, answer) -> Any:
+        """Every completion request goes through here: count it, read its JSON body, inject the
+        fault it draws (if any), answer it, bill it."""
+        faults = self.faults
         with self._lock:
             self._request_count += 1
+            self.arrivals.append(time.monotonic())
+            fault = faults.draw(self._random.random())
+            latency = faults.latency_s + faults.latency_jitter_s * self._random.random()
+            if fault:
+                self.fault_counts[fault] += 1
         try:
             body = await request.json()
         except ValueError:
             raise TeacherError(400, "The request body is not valid JSON.") from None
         if not isinstance(body, dict):
             raise TeacherError(400, "The request body must be a JSON object.")
-        return answer(body)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            messages = body.get("messages")
+            prompt = lookup_key([m for m in messages if isinstance(m, dict)]) if isinstance(messages, list) else ""
+        with self._lock:
+            self.received[prompt] += 1
+        if latency:
+            await asyncio.sleep(latency)
+        if fault == "rate_limit":
+            raise TeacherError(429, "Rate limit reached (injected).", type="rate_limit_exceeded",
+                               code="rate_limit_exceeded", headers={"Retry-After": f"{faults.retry_after_s:g}"})
+        if fault == "server_error":
+            status = 500 if self._random.random() < 0.5 else 503
+            raise TeacherError(status, "The server had an error (injected).", type="server_error")
+        if fault == "timeout":
+            await asyncio.sleep(faults.hang_s)
+        result = answer(body)
+        if fault == "truncated_json":
+            raw = json.dumps(result).encode()
+            return Response(raw[: len(raw) // 2], media_type="application/json")
+        if fault == "empty_content":
+            for choice in result["choices"]:
+                if "message" in choice:
+                    choice["message"]["content"] = ""
+                else:
+                    choice["text"] = ""
+            return result
+        if fault is None:
+            key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            with self._lock:
+                self.billed[key] += 1
+        return result
 
     def _model_card(self) -> dict:
         return {"id": self.model, "object": "model", "created": self._created, "owned_by": "proxykd"}
@@ -407,13 +499,35 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     parser.add_argument("--model", default="local-teacher", help="model name to serve (default: local-teacher)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--fallback", default="I don't know.", help="answer to prompts not in the file")
+    for name, help_text in [
+        ("latency_s", "seconds added to every completion request"),
+        ("latency_jitter_s", "uniform extra latency up to this many seconds"),
+        ("rate_limit", "fraction of requests answered 429 with Retry-After"),
+        ("retry_after_s", "the Retry-After of injected 429s"),
+        ("server_error", "fraction answered 500/503"),
+        ("timeout", "fraction that hang --hang-s seconds"),
+        ("hang_s", "how long a 'timeout' request hangs"),
+        ("truncated_json", "fraction answered with a truncated JSON body"),
+        ("empty_content", "fraction answered with empty content"),
+    ]:
+        default = getattr(Faults(), name)
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=default,
+                            help=f"{help_text} (default: {default:g})")
     args = parser.parse_args(argv)
 
     try:
         responses = load_responses(args.responses)
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    teacher = LocalTeacher(responses, model=args.model, host=args.host, port=args.port)
+    try:
+        faults = Faults(**{name: getattr(args, name) for name in (
+            "latency_s", "latency_jitter_s", "rate_limit", "retry_after_s", "server_error", "timeout",
+            "hang_s", "truncated_json", "empty_content")})
+    except ValueError as e:
+        parser.error(str(e))
+    teacher = LocalTeacher(responses, model=args.model, host=args.host, port=args.port,
+                           fallback=args.fallback, faults=faults)
     base_url = teacher.start()
     print(f"local teacher serving {len(responses)} responses as model {args.model!r} at {base_url}", flush=True)
     print("press Ctrl-C to stop", flush=True)

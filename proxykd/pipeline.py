@@ -117,7 +117,7 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
     if last == 1:
         return manifests
     teacher_folder = artifacts.stage_dir(cfg.run_dir, "teacher")
-    responses = teacher.responses(teacher_folder, teacher.request_keys(cfg.teacher, prompts))
+    responses = teacher.answers(cfg.teacher, prompts, teacher_folder)
     # Downstream hashes follow the responses actually bought (a retry that adds some reruns them)
     # and the splits (which live in the prompts hash).
     answers_hash = fingerprint(prompts_hash, manifests["teacher"]["responses_hash"])

@@ -1,8 +1,21 @@
-"""Stage 1, teacher: ask the black-box teacher for a response to every prompt.
+"""Stage 1, teacher: ask the black-box teacher for responses to every prompt.
 
-Ray Data actors each hold an async `openai` client and keep `teacher.concurrency` requests in
-flight. Responses are written as Parquet shards as blocks finish, keyed by `id`; a rerun sends no
-request whose response is already stored, and retries the ones that failed.
+This is where users spend money, so the stage is built around three rules:
+
+- **Never pay twice.** Every sample has a `request_key`, the hash of the canonical request (model,
+  endpoint, messages, sampling parameters, sample index). Actors append each response to a
+  journal the moment it arrives; a rerun (after a crash, a `kill -9`, or with other operational
+  settings) asks only for keys that have no stored response.
+- **Stay under the limits.** One `Governor` actor per run spaces requests so that all actors
+  together respect `requests_per_minute` and `tokens_per_minute`, pauses everyone when the API
+  answers 429 with `Retry-After`, and holds the spend budget (`max_cost`, `max_total_tokens`).
+- **Failures are data.** A request that still fails after its retries becomes a row with its `id`
+  and `error`, is kept out of training, counted in the manifest and retried on the next run. A
+  prompt that cannot be sent (malformed, empty, over-long) is rejected with its `id` before any
+  call. Only a wrong setup (bad key, unknown model or endpoint) stops the stage at once.
+
+Ray Data feeds the prompts to `num_actors` `TeacherCaller` actors, each an async `openai` client
+with `concurrency` requests in flight.
 """
 
 from __future__ import annotations
@@ -11,8 +24,11 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
+import random
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -29,26 +45,169 @@ log = logging.getLogger("proxykd")
 TEACHER_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
+        ("sample_index", pa.int32()),
         ("messages", MESSAGES_TYPE),
         ("response", pa.string()),
         ("finish_reason", pa.string()),
         ("model", pa.string()),
+        # An n-sample call's usage is split over its rows so that column sums are exact.
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("request_key", pa.string()),
         ("error", pa.string()),
     ]
 )
+JOURNAL_GLOB = "journal-*.jsonl"
+ROLES = {"system", "user", "assistant"}
+
+
+# ------------------------------------------------------------------------- requests and keys
 
 
 def sampling_params(cfg: TeacherConfig) -> dict:
-    return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+    params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+    if cfg.endpoint != "chat":  # (chat keys stay as they were before endpoints were configurable)
+        params["endpoint"] = cfg.endpoint
+    return params
 
 
 def request_key(model: str, messages: list[dict], params: dict, sample_index: int = 0) -> str:
     """Hash of the canonical request: the same request always maps to the same stored response."""
     canon = {"model": model, "messages": messages, "params": params, "sample_index": sample_index}
     return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
+
+
+def request_keys(cfg: TeacherConfig, prompts: pa.Table) -> list[str]:
+    """Every sample's key, prompt by prompt (n per prompt)."""
+    params = sampling_params(cfg)
+    return [request_key(cfg.model, m, params, k) for m in prompts["messages"].to_pylist() for k in range(cfg.n)]
+
+
+def completion_prompt(messages: list[dict]) -> str:
+    """The text sent to a plain completions endpoint: the message contents, blank-line separated."""
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def estimate_tokens(messages: list[dict]) -> int:
+    """A tokenizer-free, slightly generous estimate of a prompt's tokens (about 4 UTF-8 bytes per
+    token for English, plus a few per message). Used for over-long checks and the TPM spacing
+    only; usage and cost come from what the API reports."""
+    return sum(math.ceil(len(m["content"].encode()) / 4) + 4 for m in messages)
+
+
+def prompt_problem(messages, max_prompt_tokens: int) -> Optional[str]:
+    """Why these messages cannot be sent, or None when they can."""
+    if not isinstance(messages, list) or not messages:
+        return "malformed: messages must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f"malformed: messages[{i}] must have a role in {sorted(ROLES)} and string content"
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        return "empty prompt: no user message with content"
+    tokens = estimate_tokens(messages)
+    if tokens > max_prompt_tokens:
+        return f"over-long prompt: about {tokens} tokens > teacher.max_prompt_tokens={max_prompt_tokens}"
+    return None
+
+
+def cost(cfg: TeacherConfig, prompt_tokens: float, completion_tokens: float) -> float:
+    return (prompt_tokens * cfg.price_per_million_prompt_tokens
+            + completion_tokens * cfg.price_per_million_completion_tokens) / 1e6
+
+
+def backoff_s(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: about base·2^attempt (capped), drawn from its upper half so
+    that actors which failed together do not retry together."""
+    d = min(cap, base * 2**attempt)
+    return d / 2 + rng.uniform(0, d / 2)
+
+
+def retry_after_s(headers) -> Optional[float]:
+    """Seconds from a `retry-after-ms` or `retry-after` header (None when absent or a date)."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name) if headers is not None else None
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                pass
+    return None
+
+
+# --------------------------------------------------------------------------- the governor
+
+
+class Governor:
+    """One Ray actor per run, asked before every attempt. Requests are spaced (not burst) so that
+    all actors together never exceed `requests_per_minute` or `tokens_per_minute`; a 429 pauses
+    every actor for its Retry-After; spend is reserved at the worst case (estimated prompt +
+    max_tokens·n) before a call and settled at the real usage after, so `max_cost` and
+    `max_total_tokens` hold even with many calls in flight."""
+
+    def __init__(self, cfg: dict, spent_cost: float = 0.0, spent_tokens: int = 0):
+        self.cfg = TeacherConfig(**cfg)
+        self.next_request_at = self.next_tokens_at = self.paused_until = 0.0
+        self.reserved_cost = 0.0
+        self.reserved_tokens = 0
+        self.stopped: Optional[str] = None
+        self.totals = {"requests": 0, "retries": 0, "rate_limited": 0, "ok": 0, "failed": 0,
+                       "prompt_tokens": 0, "completion_tokens": 0,
+                       "cost": spent_cost, "tokens": spent_tokens, "cost_this_run": 0.0}
+
+    def acquire(self, est_tokens: int, est_cost: float) -> Optional[float]:
+        """The wall-clock time (time.time()) at which the caller may send, or None: the budget is
+        spent, stop. (An absolute time, so the reply's own latency does not shift the spacing.)"""
+        cfg, t = self.cfg, self.totals
+        if self.stopped:
+            return None
+        if cfg.max_cost is not None and t["cost"] + self.reserved_cost + est_cost > cfg.max_cost:
+            self.stopped = f"teacher.max_cost={cfg.max_cost} reached (spent {t['cost']:.4f})"
+        if cfg.max_total_tokens is not None and t["tokens"] + self.reserved_tokens + est_tokens > cfg.max_total_tokens:
+            self.stopped = f"teacher.max_total_tokens={cfg.max_total_tokens} reached (spent {t['tokens']})"
+        if self.stopped:
+            return None
+        self.reserved_cost += est_cost
+        self.reserved_tokens += est_tokens
+        now = time.time()
+        start = max(now, self.next_request_at, self.next_tokens_at, self.paused_until)
+        if cfg.requests_per_minute:
+            self.next_request_at = start + 60.0 / cfg.requests_per_minute
+        if cfg.tokens_per_minute:
+            self.next_tokens_at = start + est_tokens * 60.0 / cfg.tokens_per_minute
+        t["requests"] += 1
+        return start
+
+    def settle(self, est_tokens: int, est_cost: float, prompt_tokens: int, completion_tokens: int,
+               outcome: str) -> None:
+        """After an attempt: swap the reservation for the real usage. `outcome` is "ok", "retry",
+        "rate_limited" or "failed"."""
+        cfg, t = self.cfg, self.totals
+        self.reserved_cost -= est_cost
+        self.reserved_tokens -= est_tokens
+        used = prompt_tokens + completion_tokens
+        spent = cost(cfg, prompt_tokens, completion_tokens)
+        t["prompt_tokens"] += prompt_tokens
+        t["completion_tokens"] += completion_tokens
+        t["tokens"] += used
+        t["cost"] += spent
+        t["cost_this_run"] += spent
+        if cfg.tokens_per_minute:  # give back what the worst-case reservation over-counted
+            unused = max(0, est_tokens - used)
+            self.next_tokens_at = max(time.time(), self.next_tokens_at - unused * 60.0 / cfg.tokens_per_minute)
+        if outcome in ("ok", "failed"):
+            t[outcome] += 1
+        else:
+            t["retries"] += 1
+            t["rate_limited"] += outcome == "rate_limited"
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, time.time() + seconds)
+
+    def status(self) -> dict:
+        return {**self.totals, "stopped": self.stopped}
+
+
+# ---------------------------------------------------------------------------- the callers
 
 
 class SecretRef:
@@ -69,105 +228,278 @@ class SecretRef:
         return "SecretRef(***)"
 
 
-class TeacherCaller:
-    """Ray Data actor: one async client, bounded concurrency, failures become rows with `error`."""
+class TeacherSetupError(RuntimeError):
+    """The API refuses the setup itself (bad key, no access, unknown model or endpoint): every
+    request would fail the same way, so the stage stops instead of recording each one."""
 
-    def __init__(self, base_url: str, cfg: dict, api_key: Optional[SecretRef]):
+
+class _Retryable(Exception):
+    def __init__(self, message: str, wait: Optional[float] = None, usage=None, rate_limited=False):
+        super().__init__(message)
+        self.wait, self.usage, self.rate_limited = wait, usage, rate_limited
+
+
+def _usage(resp) -> tuple[int, int]:
+    u = getattr(resp, "usage", None)
+    return (int(u.prompt_tokens or 0), int(u.completion_tokens or 0)) if u else (0, 0)
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+SUMMARY_SCHEMA = pa.schema([("id", pa.string()), ("outcome", pa.string()), ("error", pa.string())])
+
+
+class TeacherCaller:
+    """Ray Data actor: one async client, `concurrency` requests in flight, its own retry loop (so
+    that retries are counted and 429s pause every actor through the governor), and a journal in
+    the stage folder that gets each response the moment it arrives."""
+
+    def __init__(self, base_url: str, cfg: dict, api_key: Optional[SecretRef], governor, folder: str):
         import openai
 
         self.cfg = TeacherConfig(**cfg)
         self.client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key.get() if api_key else "unused",
-            max_retries=self.cfg.max_retries,
+            max_retries=0,  # retried below, where they are counted and governed
             timeout=self.cfg.timeout_s,
         )
         self.params = sampling_params(self.cfg)
+        self.governor = governor
+        self.journal = open(Path(folder) / f"journal-{uuid.uuid4().hex}.jsonl", "a", encoding="utf-8")
+        self.rng = random.Random()
+        self.setup_error: Optional[TeacherSetupError] = None
         self.loop = asyncio.new_event_loop()
 
-    async def _call(self, row: dict, sem: asyncio.Semaphore) -> dict:
-        out = {
-            "id": row["id"],
-            "messages": row["messages"],
-            "model": self.cfg.model,
-            "request_key": request_key(self.cfg.model, row["messages"], self.params),
-            "response": None,
-            "finish_reason": None,
-            "prompt_tokens": None,
-            "completion_tokens": None,
-            "error": None,
-        }
+    def _write(self, rows: list[dict]) -> None:
+        # One line per sample, flushed at once: a kill -9 loses at most the calls in flight.
+        self.journal.write("".join(json.dumps(r) + "\n" for r in rows))
+        self.journal.flush()
+
+    async def _send(self, messages: list[dict], n: int):
+        import openai
+
+        kw = {"model": self.cfg.model, "n": n, "temperature": self.cfg.temperature,
+              "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_tokens}
+        try:
+            if self.cfg.endpoint == "chat":
+                resp = await self.client.chat.completions.create(messages=messages, **kw)
+                texts = [c.message.content for c in resp.choices]
+            else:
+                resp = await self.client.completions.create(prompt=completion_prompt(messages), **kw)
+                texts = [c.text for c in resp.choices]
+        except openai.RateLimitError as e:
+            raise _Retryable(f"429: {e.message}", retry_after_s(e.response.headers), rate_limited=True) from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+            raise TeacherSetupError(f"the teacher API refuses this setup ({e.status_code}): {e.message}") from None
+        except openai.APIStatusError as e:
+            if e.status_code >= 500 or e.status_code in (408, 409):
+                raise _Retryable(f"{e.status_code}: {e.message}", retry_after_s(e.response.headers)) from None
+            raise  # another 4xx: this request is wrong, asking again will not help
+        except (openai.APIConnectionError, json.JSONDecodeError, openai.APIResponseValidationError) as e:
+            # timeouts, dropped connections, truncated or malformed bodies
+            raise _Retryable(f"{type(e).__name__}: {e}") from None
+        if len(resp.choices) != n or not all(texts):
+            raise _Retryable(f"{sum(1 for t in texts if t)} of {n} samples with content", usage=_usage(resp))
+        return resp, texts
+
+    async def _ask(self, row: dict, sem: asyncio.Semaphore) -> list[dict]:
+        """All missing samples of one prompt, in one request (n = how many are missing)."""
+        samples = row["samples"]
+        est_tokens = estimate_tokens(row["messages"]) + self.cfg.max_tokens * len(samples)
+        est_cost = cost(self.cfg, estimate_tokens(row["messages"]), self.cfg.max_tokens * len(samples))
+        base = {"id": row["id"], "messages": row["messages"], "model": self.cfg.model, "response": None,
+                "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "error": None}
+        rows = [{**base, "sample_index": k,
+                 "request_key": request_key(self.cfg.model, row["messages"], self.params, k)} for k in samples]
         async with sem:
-            try:
-                # openai's client retries 429 (honouring Retry-After), 5xx, timeouts and
-                # connection errors with exponential backoff, up to max_retries.
-                resp = await self.client.chat.completions.create(
-                    model=self.cfg.model, messages=row["messages"], **self.params
-                )
-                choice = resp.choices[0]
-                content = choice.message.content
-                if not content:
-                    raise ValueError("empty response content")
-                out.update(
-                    response=content,
-                    finish_reason=choice.finish_reason,
-                    prompt_tokens=resp.usage.prompt_tokens if resp.usage else None,
-                    completion_tokens=resp.usage.completion_tokens if resp.usage else None,
-                )
-            except Exception as e:  # noqa: BLE001 - every failure is recorded, none kills the batch
-                out["error"] = f"{type(e).__name__}: {e}"[:500]
-        return out
+            for attempt in range(self.cfg.max_retries + 1):
+                if self.setup_error:  # another request found the setup wrong: send nothing more
+                    raise self.setup_error
+                send_at = await self.governor.acquire.remote(est_tokens, est_cost)
+                if send_at is None:
+                    return [{"id": row["id"], "outcome": "budget", "error": None}]
+                await asyncio.sleep(max(0.0, send_at - time.time()))
+                try:
+                    resp, texts = await self._send(row["messages"], len(samples))
+                except _Retryable as e:
+                    pt, ct = e.usage or (0, 0)
+                    last = attempt == self.cfg.max_retries
+                    outcome = "failed" if last else ("rate_limited" if e.rate_limited else "retry")
+                    self.governor.settle.remote(est_tokens, est_cost, pt, ct, outcome)
+                    if last:
+                        error = f"after {attempt + 1} attempts: {e}"
+                        break
+                    pause = e.wait if e.wait is not None else backoff_s(
+                        attempt, self.cfg.backoff_s, self.cfg.max_backoff_s, self.rng)
+                    if e.rate_limited:
+                        self.governor.pause.remote(pause)
+                    await asyncio.sleep(pause)
+                    continue
+                except TeacherSetupError as e:
+                    self.governor.settle.remote(est_tokens, est_cost, 0, 0, "failed")
+                    self.setup_error = e
+                    raise
+                except Exception as e:  # noqa: BLE001 - e.g. a 400 for this prompt: recorded, not retried
+                    self.governor.settle.remote(est_tokens, est_cost, 0, 0, "failed")
+                    error = f"{type(e).__name__}: {e}"
+                    break
+                pt, ct = _usage(resp)
+                self.governor.settle.remote(est_tokens, est_cost, pt, ct, "ok")
+                for i, (r, text, choice, c) in enumerate(zip(rows, texts, resp.choices, _split(ct, len(rows)))):
+                    r.update(response=text, finish_reason=choice.finish_reason,
+                             prompt_tokens=pt if i == 0 else 0, completion_tokens=c)
+                self._write(rows)
+                return [{"id": row["id"], "outcome": "ok", "error": None}]
+        for r in rows:
+            r["error"] = error[:500]
+        self._write(rows)
+        return [{"id": row["id"], "outcome": "failed", "error": error[:500]}]
 
     async def _run(self, rows: list[dict]) -> list[dict]:
         sem = asyncio.Semaphore(self.cfg.concurrency)
-        return await asyncio.gather(*(self._call(r, sem) for r in rows))
+        results = await asyncio.gather(*(self._ask(r, sem) for r in rows), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [s for summary in results for s in summary]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.select(["id", "messages"]).to_pylist()
-        return pa.Table.from_pylist(self.loop.run_until_complete(self._run(rows)), schema=TEACHER_SCHEMA)
+        rows = batch.to_pylist()
+        return pa.Table.from_pylist(self.loop.run_until_complete(self._run(rows)), schema=SUMMARY_SCHEMA)
 
 
-def config_hash(cfg: TeacherConfig, prompts_content_hash: str) -> str:
-    # Operational knobs (concurrency, actors, retries, timeout) do not change what is bought.
-    return fingerprint(prompts_content_hash, cfg.base_url, cfg.model, sampling_params(cfg))
+# ----------------------------------------------------------------------------- storage
 
 
-def request_keys(cfg: TeacherConfig, prompts: pa.Table) -> list[str]:
-    params = sampling_params(cfg)
-    return [request_key(cfg.model, m, params) for m in prompts["messages"].to_pylist()]
+def compact_journals(folder: Path) -> int:
+    """Fold every journal (including one a killed run left behind) into a Parquet shard, then
+    delete it. A line cut short by a kill is dropped: its request is asked again. Returns rows."""
+    journals = sorted(Path(folder).glob(JOURNAL_GLOB))
+    rows = []
+    for path in journals:
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("teacher: %s:%d is cut short (a killed run); that request is asked again", path.name, lineno)
+    if rows:
+        shard = Path(folder) / f"part-{uuid.uuid4().hex}.parquet"
+        artifacts.write_table_atomic(pa.Table.from_pylist(rows, schema=TEACHER_SCHEMA), shard)
+    for path in journals:  # (a crash before this line leaves duplicates, which readers drop)
+        path.unlink()
+    return len(rows)
 
 
-def responses(folder: Path, keys: Optional[list[str]] = None) -> pa.Table:
-    """Successful teacher responses, one per id; with `keys`, only those answering one of these
-    requests (a stored response to a request no longer made is kept on disk but not used)."""
+def _stored(folder: Path) -> pa.Table:
     table = artifacts.read_shards(folder)
     if table.num_rows == 0:
         return TEACHER_SCHEMA.empty_table()
-    ok = pc.is_null(table["error"])
-    if keys is not None:
-        ok = pc.and_(ok, pc.is_in(table["request_key"], pa.array(keys, pa.string())))
-    table = table.filter(ok)
+    if "sample_index" not in table.column_names:  # shards written before n was configurable
+        table = table.append_column("sample_index", pa.array([0] * table.num_rows, pa.int32()))
+    return table.select(TEACHER_SCHEMA.names).cast(TEACHER_SCHEMA)
+
+
+def _first_per(table: pa.Table, column: str) -> pa.Table:
     seen, keep = set(), []
-    for i, rid in enumerate(table["id"].to_pylist()):
-        if rid not in seen:
-            seen.add(rid)
+    for i, value in enumerate(table[column].to_pylist()):
+        if value not in seen:
+            seen.add(value)
             keep.append(i)
     return table.take(pa.array(keep, pa.int64()))
 
 
+def responses(folder: Path, keys: Optional[list[str]] = None) -> pa.Table:
+    """Successful teacher responses, one per request_key; with `keys`, only those answering one of
+    these requests (a stored response to a request no longer made is kept on disk, since it was
+    paid for, but not used). A stored row's `id` is the first prompt that asked it; prompts with
+    identical messages share one request (see `answers`)."""
+    table = _stored(folder)
+    ok = pc.is_null(table["error"])
+    if keys is not None:
+        ok = pc.and_(ok, pc.is_in(table["request_key"], pa.array(keys, pa.string())))
+    return _first_per(table.filter(ok), "request_key")
+
+
+ANSWER_COLUMNS = ["id", "sample_index", "response", "finish_reason", "request_key"]
+
+
+def answers(cfg: TeacherConfig, prompts: pa.Table, folder: Path) -> pa.Table:
+    """The teacher's answers as later stages read them: one row per prompt `id` and sample index
+    that has a response, looked up by request_key (so two prompts with the same messages both get
+    the one response bought for them)."""
+    stored = {r["request_key"]: r for r in responses(folder).select(ANSWER_COLUMNS).to_pylist()}
+    params, out = sampling_params(cfg), []
+    for row in prompts.select(["id", "messages"]).to_pylist():
+        for k in range(cfg.n):
+            hit = stored.get(request_key(cfg.model, row["messages"], params, k))
+            if hit is not None:
+                out.append({**hit, "id": row["id"], "sample_index": k})
+    return pa.Table.from_pylist(out, schema=pa.schema([TEACHER_SCHEMA.field(c) for c in ANSWER_COLUMNS]))
+
+
+def _spent(cfg: TeacherConfig, table: pa.Table) -> tuple[float, int]:
+    """What everything stored has cost (USD, tokens), failures with reported usage included."""
+    pt = int(pc.sum(table["prompt_tokens"]).as_py() or 0)
+    ct = int(pc.sum(table["completion_tokens"]).as_py() or 0)
+    return cost(cfg, pt, ct), pt + ct
+
+
+# ------------------------------------------------------------------------------- the stage
+
+
+def config_hash(cfg: TeacherConfig, prompts_content_hash: str) -> str:
+    # Operational knobs (concurrency, actors, limits, retries, prices, budget) do not change what
+    # is bought.
+    return fingerprint(prompts_content_hash, cfg.base_url, cfg.model, sampling_params(cfg), cfg.n)
+
+
 def _local_teacher(prompts: pa.Table):
-    """The stand-in teacher: answers each prompt from its reference."""
+    """The stand-in teacher: answers each prompt from its reference, on both endpoints."""
     from proxykd.local_teacher import LocalTeacher, lookup_key
 
     table = {}
     for row in prompts.select(["messages", "reference"]).to_pylist():
         if row["reference"] is not None:
-            table[lookup_key(row["messages"])] = teacher_style_response(row["reference"])
+            answer = teacher_style_response(row["reference"])
+            table[lookup_key(row["messages"])] = answer
+            table[completion_prompt(row["messages"])] = answer
     return LocalTeacher(table)
 
 
 class MissingAPIKey(RuntimeError):
     pass
+
+
+def _todo(cfg: TeacherConfig, prompts: pa.Table, answered: set[str]) -> tuple[pa.Table, list[dict], int]:
+    """(prompts with the sample indices still to ask, rejected {id, error}, samples to ask)."""
+    params = sampling_params(cfg)
+    todo, rejected, n_samples, asking = [], [], 0, set()
+    for row in prompts.select(["id", "messages"]).to_pylist():
+        problem = prompt_problem(row["messages"], cfg.max_prompt_tokens)
+        if problem:
+            rejected.append({"id": row["id"], "error": problem})
+            continue
+        keys = {k: request_key(cfg.model, row["messages"], params, k) for k in range(cfg.n)}
+        # (a prompt with the same messages as an earlier one shares its request)
+        missing = [k for k, key in keys.items() if key not in answered and key not in asking]
+        asking.update(keys[k] for k in missing)
+        if missing:
+            todo.append({**row, "samples": missing})
+            n_samples += len(missing)
+    table = pa.Table.from_pylist(todo, schema=pa.schema(
+        [("id", pa.string()), ("messages", MESSAGES_TYPE), ("samples", pa.list_(pa.int32()))]))
+    return table, rejected, n_samples
+
+
+def _progress(status: dict, done: int, total: int, started: float) -> str:
+    rate = status["requests"] / max(time.time() - started, 1e-9)
+    return (f"teacher: {done}/{total} prompts | {status['ok']} ok, {status['failed']} failed | "
+            f"{status['requests']} requests ({rate:.1f}/s), {status['retries']} retries "
+            f"({status['rate_limited']} rate-limited) | tokens {status['prompt_tokens']:,} in + "
+            f"{status['completion_tokens']:,} out | est. ${status['cost']:.4f} total")
 
 
 def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_dir: str) -> dict:
@@ -177,53 +509,105 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     h = config_hash(cfg, prompts_content_hash)
     if artifacts.is_done(folder, h):
         manifest = artifacts.read_manifest(folder)
-        if not manifest["rows"]["failed"]:
+        if not manifest["rows"]["failed"] and not manifest["rows"].get("not_asked"):
             log.info("teacher: done already (%s), skipped", folder)
             return manifest
-        log.info("teacher: retrying the %d requests that failed last time", manifest["rows"]["failed"])
+        log.info("teacher: asking again the %d failed and %d unasked prompts of the last run",
+                 manifest["rows"]["failed"], manifest["rows"].get("not_asked", 0))
     api_key = os.environ.get(cfg.api_key_env)
     if cfg.base_url is not None and not api_key:
         raise MissingAPIKey(f"teacher.base_url is {cfg.base_url} but the environment variable "
                             f"{cfg.api_key_env} (teacher.api_key_env) is not set")
     started = time.time()
     artifacts.begin_stage(folder, h, keep_stale=True)
+    compact_journals(folder)  # what a killed run bought
 
-    keys = request_keys(cfg, prompts)
-    answered = set(responses(folder, keys)["request_key"].to_pylist())
-    todo = prompts.filter(pc.invert(pc.is_in(pa.array(keys, pa.string()), pa.array(sorted(answered), pa.string()))))
-    log.info("teacher: %d prompts to ask, %d answered already", todo.num_rows, prompts.num_rows - todo.num_rows)
+    stored = _stored(folder)
+    answered = set(responses(folder)["request_key"].to_pylist())
+    todo, rejected, n_samples = _todo(cfg, prompts, answered)
+    for r in rejected[:20]:
+        log.warning("teacher: %s rejected before any call: %s", r["id"], r["error"])
+    log.info("teacher: %d prompts (%d samples) to ask, %d samples stored, %d prompts rejected",
+             todo.num_rows, n_samples, len(answered), len(rejected))
 
+    spent_cost, spent_tokens = _spent(cfg, stored)
+    governor = ray.remote(num_cpus=0)(Governor).remote(cfg.model_dump(), spent_cost, spent_tokens)
+    outcomes = {"ok": 0, "failed": 0, "budget": 0}
     server = _local_teacher(prompts) if cfg.base_url is None else nullcontext()
-    with server:
-        base_url = cfg.base_url or server.base_url
-        if todo.num_rows:
-            batch_size = max(cfg.concurrency * 4, 16)
-            artifacts.to_dataset(todo.select(["id", "messages"]), batch_size).map_batches(
-                TeacherCaller,
-                fn_constructor_kwargs={"base_url": base_url, "cfg": cfg.model_dump(),
-                                       "api_key": SecretRef(api_key) if api_key and cfg.base_url else None},
-                batch_format="pyarrow",
-                batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                num_cpus=0.5,
-            ).write_parquet(str(folder))
+    try:
+        with server:
+            base_url = cfg.base_url or server.base_url
+            if todo.num_rows:
+                batch_size = max(cfg.concurrency * 4, 16)
+                summaries = artifacts.to_dataset(todo, batch_size).map_batches(
+                    TeacherCaller,
+                    fn_constructor_kwargs={"base_url": base_url, "cfg": cfg.model_dump(), "governor": governor,
+                                           "folder": str(folder),
+                                           "api_key": SecretRef(api_key) if api_key and cfg.base_url else None},
+                    batch_format="pyarrow",
+                    batch_size=batch_size,
+                    compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                    num_cpus=0.5,
+                )
+                last_log = time.time()
+                for batch in summaries.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for outcome in batch["outcome"].to_pylist():
+                        outcomes[outcome] += 1
+                    if time.time() - last_log >= cfg.progress_every_s:
+                        last_log = time.time()
+                        log.info(_progress(ray.get(governor.status.remote()), sum(outcomes.values()),
+                                           todo.num_rows, started))
+        status = ray.get(governor.status.remote())
+    finally:
+        # (After a failure the journals stay: an actor may still be writing; the next run folds them.)
+        ray.kill(governor)
+    compact_journals(folder)
+    log.info(_progress(status, sum(outcomes.values()), todo.num_rows, started))
+    if status["stopped"]:
+        log.warning("teacher: stopped early, %s; %d prompts not asked (they are asked on the next run)",
+                    status["stopped"], outcomes["budget"])
 
-    ok = responses(folder, keys)
-    failed_ids = sorted(set(prompts["id"].to_pylist()) - set(ok["id"].to_pylist()))
-    for rid in failed_ids[:20]:
-        log.warning("teacher: %s failed (will be retried on the next run)", rid)
+    got = answers(cfg, prompts, folder)
+    stored = _stored(folder)
+    samples: dict[str, int] = {}
+    for rid in got["id"].to_pylist():
+        samples[rid] = samples.get(rid, 0) + 1
+    errors = {r["request_key"]: r["error"] for r in
+              stored.filter(pc.is_valid(stored["error"])).select(["request_key", "error"]).to_pylist()}
+    rejected_ids, params = {r["id"] for r in rejected}, sampling_params(cfg)
+    failed, not_asked = [], []
+    for row in prompts.select(["id", "messages"]).to_pylist():
+        if row["id"] in rejected_ids or samples.get(row["id"], 0) == cfg.n:
+            continue
+        error = next((errors[k] for k in (request_key(cfg.model, row["messages"], params, s) for s in range(cfg.n))
+                      if k in errors), None)
+        (failed if error else not_asked).append({"id": row["id"], "error": error or "not asked: budget reached"})
+    for r in (failed + not_asked)[:20]:
+        log.warning("teacher: %s has no response (asked again on the next run): %s", r["id"], r["error"])
+    ok = responses(folder, sorted(set(got["request_key"].to_pylist())))
+    total_cost, total_tokens = _spent(cfg, stored)
     return artifacts.write_manifest(
         folder,
         "teacher",
         h,
         started,
-        inputs={"prompts": prompts_content_hash, "base_url": cfg.base_url or "local-teacher", "model": cfg.model},
-        rows={"asked": todo.num_rows, "ok": ok.num_rows, "failed": len(failed_ids)},
-        failed_ids=failed_ids[:1000],
+        inputs={"prompts": prompts_content_hash, "base_url": cfg.base_url or "local-teacher", "model": cfg.model,
+                "endpoint": cfg.endpoint, "n": cfg.n},
+        # ok: prompts with all n samples; failed + not_asked: the prompts the next run asks again.
+        rows={"prompts": prompts.num_rows, "asked": todo.num_rows, "ok": len(samples) - sum(
+                  1 for v in samples.values() if v < cfg.n),
+              "samples_ok": got.num_rows, "failed": len(failed), "not_asked": len(not_asked),
+              "rejected": len(rejected),
+              "cut_off": int(pc.sum(pc.equal(got["finish_reason"], "length")).as_py() or 0)},
+        failed_ids=[r["id"] for r in failed + not_asked][:1000],
         # What downstream stages hash: changes whenever a retry adds responses.
         responses_hash=fingerprint(sorted(ok["request_key"].to_pylist())),
-        tokens={
-            "prompt": int(pc.sum(ok["prompt_tokens"]).as_py() or 0),
-            "completion": int(pc.sum(ok["completion_tokens"]).as_py() or 0),
-        },
+        requests={k: status[k] for k in ("requests", "retries", "rate_limited", "ok", "failed")},
+        tokens={"prompt": int(pc.sum(ok["prompt_tokens"]).as_py() or 0),
+                "completion": int(pc.sum(ok["completion_tokens"]).as_py() or 0),
+                "this_run": status["prompt_tokens"] + status["completion_tokens"], "all_stored": total_tokens},
+        cost={"this_run": round(status["cost_this_run"], 6), "all_stored": round(total_cost, 6),
+              "prices_per_million": [cfg.price_per_million_prompt_tokens, cfg.price_per_million_completion_tokens]},
+        budget={"max_cost": cfg.max_cost, "max_total_tokens": cfg.max_total_tokens, "stopped": status["stopped"]},
+        **artifacts.write_rejected(folder, rejected),
     )

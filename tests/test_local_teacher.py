@@ -11,13 +11,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai
 import pytest
 
-from proxykd.local_teacher import LocalTeacher, load_responses, lookup_key
+from proxykd.local_teacher import Faults, LocalTeacher, load_responses, lookup_key
 
 MODEL = "local-teacher"
 TABLE = {
@@ -296,3 +297,67 @@ def test_cli_serves_until_ctrl_c(tmp_path):
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+# ------------------------------------------------------------------------------ fault injection
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Count to five."}]}
+
+
+@pytest.mark.parametrize(
+    "faults, error",
+    [
+        (Faults(rate_limit=1.0, retry_after_s=7), openai.RateLimitError),
+        (Faults(server_error=1.0), openai.InternalServerError),
+        (Faults(timeout=1.0, hang_s=2.0), openai.APITimeoutError),
+        (Faults(truncated_json=1.0), json.JSONDecodeError),
+    ],
+)
+def test_each_fault_reaches_the_client_as_a_real_api_would_send_it(faults, error):
+    with LocalTeacher(TABLE, faults=faults) as t, openai.OpenAI(
+            base_url=t.base_url, api_key="x", max_retries=0, timeout=1.0) as c:
+        with pytest.raises(error) as info:
+            c.chat.completions.create(**CHAT)
+        if faults.rate_limit:
+            assert info.value.response.headers["retry-after"] == "7"
+        assert t.request_count == 1 and sum(t.fault_counts.values()) == 1 and not t.billed
+        assert t.received["Count to five."] == 1
+
+
+def test_empty_content_and_latency():
+    with LocalTeacher(TABLE, faults=Faults(empty_content=1.0, latency_s=0.3)) as t, openai.OpenAI(
+            base_url=t.base_url, api_key="x", max_retries=0) as c:
+        start = time.monotonic()
+        resp = c.chat.completions.create(**CHAT)
+        assert time.monotonic() - start >= 0.3
+        assert resp.choices[0].message.content == "" and t.fault_counts["empty_content"] == 1 and not t.billed
+
+
+def test_fault_rates_are_drawn_per_request_and_clean_answers_are_billed_once_per_body():
+    faults = Faults(rate_limit=0.1, server_error=0.1, seed=3)
+    with LocalTeacher(TABLE, faults=faults) as t, openai.OpenAI(
+            base_url=t.base_url, api_key="x", max_retries=0) as c:
+        clean = 0
+        for i in range(200):
+            try:
+                c.chat.completions.create(**CHAT, max_tokens=i + 1)  # 200 different bodies
+                clean += 1
+            except (openai.RateLimitError, openai.InternalServerError):
+                pass
+        assert t.request_count == 200 and 200 - clean == sum(t.fault_counts.values())
+        assert 20 <= t.fault_counts["rate_limit"] + t.fault_counts["server_error"] <= 60
+        assert len(t.billed) == clean and set(t.billed.values()) == {1}
+    with LocalTeacher(TABLE) as t, openai.OpenAI(base_url=t.base_url, api_key="x", max_retries=0) as c:
+        c.chat.completions.create(**CHAT)
+        c.chat.completions.create(**CHAT)  # the same body again is billed again
+        c.chat.completions.create(**CHAT, max_tokens=3)
+        assert sorted(t.billed.values()) == [1, 2]
+
+
+def test_fault_rates_are_validated():
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        Faults(rate_limit=0.6, server_error=0.6)
+    with pytest.raises(ValueError):
+        Faults(latency_s=-1)
+    assert Faults(rate_limit=0.2, timeout=0.1).draw(0.25) == "timeout"
+    assert Faults(rate_limit=0.2).draw(0.1) == "rate_limit" and Faults(rate_limit=0.2).draw(0.5) is None
