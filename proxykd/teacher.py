@@ -138,73 +138,62 @@ def retry_after_s(headers) -> Optional[float]:
 
 
 class Governor:
-    """One Ray actor per run, asked before every attempt. Requests are spaced (not burst) so that
-    all actors together never exceed `requests_per_minute` or `tokens_per_minute`; a 429 pauses
-    every actor for its Retry-After; spend is reserved at the worst case (estimated prompt +
-    max_tokens·n) before a call and settled at the real usage after, so `max_cost` and
-    `max_total_tokens` hold even with many calls in flight."""
+    """One Ray actor per run, made only when limits or a budget are set, and asked before every
+    attempt. Requests are spaced (not burst) so that all actors together never exceed
+    `requests_per_minute` or `tokens_per_minute`; a 429 pauses every actor for its Retry-After;
+    spend is reserved at the worst case (estimated prompt + max_tokens·n) before a call and
+    settled at the real usage after, so `max_cost` and `max_total_tokens` hold even with many
+    calls in flight."""
 
     def __init__(self, cfg: dict, spent_cost: float = 0.0, spent_tokens: int = 0):
         self.cfg = TeacherConfig(**cfg)
         self.next_request_at = self.next_tokens_at = self.paused_until = 0.0
-        self.reserved_cost = 0.0
-        self.reserved_tokens = 0
+        self.spent_cost, self.spent_tokens = spent_cost, spent_tokens
+        self.reserved_cost, self.reserved_tokens = 0.0, 0
         self.stopped: Optional[str] = None
-        self.totals = {"requests": 0, "retries": 0, "rate_limited": 0, "ok": 0, "failed": 0,
-                       "prompt_tokens": 0, "completion_tokens": 0,
-                       "cost": spent_cost, "tokens": spent_tokens, "cost_this_run": 0.0}
 
     def acquire(self, est_tokens: int, est_cost: float) -> Optional[float]:
         """The wall-clock time (time.time()) at which the caller may send, or None: the budget is
         spent, stop. (An absolute time, so the reply's own latency does not shift the spacing.)"""
-        cfg, t = self.cfg, self.totals
-        if self.stopped:
-            return None
-        if cfg.max_cost is not None and t["cost"] + self.reserved_cost + est_cost > cfg.max_cost:
-            self.stopped = f"teacher.max_cost={cfg.max_cost} reached (spent {t['cost']:.4f})"
-        if cfg.max_total_tokens is not None and t["tokens"] + self.reserved_tokens + est_tokens > cfg.max_total_tokens:
-            self.stopped = f"teacher.max_total_tokens={cfg.max_total_tokens} reached (spent {t['tokens']})"
+        cfg = self.cfg
+        if not self.stopped and cfg.max_cost is not None and (
+                self.spent_cost + self.reserved_cost + est_cost > cfg.max_cost):
+            self.stopped = f"teacher.max_cost={cfg.max_cost} reached (spent {self.spent_cost:.4f})"
+        if not self.stopped and cfg.max_total_tokens is not None and (
+                self.spent_tokens + self.reserved_tokens + est_tokens > cfg.max_total_tokens):
+            self.stopped = f"teacher.max_total_tokens={cfg.max_total_tokens} reached (spent {self.spent_tokens})"
         if self.stopped:
             return None
         self.reserved_cost += est_cost
         self.reserved_tokens += est_tokens
-        now = time.time()
-        start = max(now, self.next_request_at, self.next_tokens_at, self.paused_until)
+        start = max(time.time(), self.next_request_at, self.next_tokens_at, self.paused_until)
         if cfg.requests_per_minute:
             self.next_request_at = start + 60.0 / cfg.requests_per_minute
         if cfg.tokens_per_minute:
             self.next_tokens_at = start + est_tokens * 60.0 / cfg.tokens_per_minute
-        t["requests"] += 1
         return start
 
-    def settle(self, est_tokens: int, est_cost: float, prompt_tokens: int, completion_tokens: int,
-               outcome: str) -> None:
-        """After an attempt: swap the reservation for the real usage. `outcome` is "ok", "retry",
-        "rate_limited" or "failed"."""
-        cfg, t = self.cfg, self.totals
+    def settle(self, est_tokens: int, est_cost: float, prompt_tokens: int, completion_tokens: int) -> None:
+        """After an attempt: swap its reservation for the real usage."""
+        used = prompt_tokens + completion_tokens
         self.reserved_cost -= est_cost
         self.reserved_tokens -= est_tokens
-        used = prompt_tokens + completion_tokens
-        spent = cost(cfg, prompt_tokens, completion_tokens)
-        t["prompt_tokens"] += prompt_tokens
-        t["completion_tokens"] += completion_tokens
-        t["tokens"] += used
-        t["cost"] += spent
-        t["cost_this_run"] += spent
-        if cfg.tokens_per_minute:  # give back what the worst-case reservation over-counted
+        self.spent_cost += cost(self.cfg, prompt_tokens, completion_tokens)
+        self.spent_tokens += used
+        if self.cfg.tokens_per_minute:  # give back what the worst-case reservation over-counted
             unused = max(0, est_tokens - used)
-            self.next_tokens_at = max(time.time(), self.next_tokens_at - unused * 60.0 / cfg.tokens_per_minute)
-        if outcome in ("ok", "failed"):
-            t[outcome] += 1
-        else:
-            t["retries"] += 1
-            t["rate_limited"] += outcome == "rate_limited"
+            self.next_tokens_at = max(time.time(), self.next_tokens_at - unused * 60.0 / self.cfg.tokens_per_minute)
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, time.time() + seconds)
 
     def status(self) -> dict:
-        return {**self.totals, "stopped": self.stopped}
+        return {"spent_cost": self.spent_cost, "spent_tokens": self.spent_tokens, "stopped": self.stopped}
+
+
+def needs_governor(cfg: TeacherConfig) -> bool:
+    return any(v is not None for v in (cfg.requests_per_minute, cfg.tokens_per_minute, cfg.max_cost,
+                                       cfg.max_total_tokens))
 
 
 # ---------------------------------------------------------------------------- the callers
@@ -248,13 +237,17 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-SUMMARY_SCHEMA = pa.schema([("id", pa.string()), ("outcome", pa.string()), ("error", pa.string())])
+# What each prompt's requests did; the driver sums these for the progress line and the manifest.
+SUMMARY_SCHEMA = pa.schema([("id", pa.string()), ("outcome", pa.string()), ("error", pa.string()),
+                            ("requests", pa.int64()), ("retries", pa.int64()), ("rate_limited", pa.int64()),
+                            ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
+COUNTERS = ["requests", "retries", "rate_limited", "prompt_tokens", "completion_tokens"]
 
 
 class TeacherCaller:
     """Ray Data actor: one async client, `concurrency` requests in flight, its own retry loop (so
-    that retries are counted and 429s pause every actor through the governor), and a journal in
-    the stage folder that gets each response the moment it arrives."""
+    that retries are counted, and 429s pause this actor, or every actor through the governor), and
+    a journal in the stage folder that gets each response the moment it arrives."""
 
     def __init__(self, base_url: str, cfg: dict, api_key: Optional[SecretRef], governor, folder: str):
         import openai
@@ -268,8 +261,9 @@ class TeacherCaller:
         )
         self.params = sampling_params(self.cfg)
         self.governor = governor
-        self.journal = open(Path(folder) / f"journal-{uuid.uuid4().hex}.jsonl", "a", encoding="utf-8")
+        self.journal = open(Path(folder) / f"journal-{uuid.uuid4().hex}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.rng = random.Random()
+        self.paused_until = 0.0
         self.setup_error: Optional[TeacherSetupError] = None
         self.loop = asyncio.new_event_loop()
 
@@ -277,6 +271,21 @@ class TeacherCaller:
         # One line per sample, flushed at once: a kill -9 loses at most the calls in flight.
         self.journal.write("".join(json.dumps(r) + "\n" for r in rows))
         self.journal.flush()
+
+    async def _wait_turn(self, est_tokens: int, est_cost: float) -> bool:
+        """Sleep until this attempt may be sent; False when the budget is spent."""
+        send_at = self.paused_until
+        if self.governor is not None:
+            governed = await self.governor.acquire.remote(est_tokens, est_cost)
+            if governed is None:
+                return False
+            send_at = max(send_at, governed)
+        await asyncio.sleep(max(0.0, send_at - time.time()))
+        return True
+
+    def _settle(self, est_tokens: int, est_cost: float, usage: tuple[int, int]) -> None:
+        if self.governor is not None:
+            self.governor.settle.remote(est_tokens, est_cost, *usage)
 
     async def _send(self, messages: list[dict], n: int):
         import openai
@@ -305,58 +314,71 @@ class TeacherCaller:
             raise _Retryable(f"{sum(1 for t in texts if t)} of {n} samples with content", usage=_usage(resp))
         return resp, texts
 
-    async def _ask(self, row: dict, sem: asyncio.Semaphore) -> list[dict]:
+    async def _ask(self, row: dict, sem: asyncio.Semaphore) -> dict:
         """All missing samples of one prompt, in one request (n = how many are missing)."""
         samples = row["samples"]
-        est_tokens = estimate_tokens(row["messages"]) + self.cfg.max_tokens * len(samples)
-        est_cost = cost(self.cfg, estimate_tokens(row["messages"]), self.cfg.max_tokens * len(samples))
+        prompt_est = estimate_tokens(row["messages"])
+        est_tokens = prompt_est + self.cfg.max_tokens * len(samples)
+        est_cost = cost(self.cfg, prompt_est, self.cfg.max_tokens * len(samples))
         base = {"id": row["id"], "messages": row["messages"], "model": self.cfg.model, "response": None,
                 "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "error": None}
         rows = [{**base, "sample_index": k,
                  "request_key": request_key(self.cfg.model, row["messages"], self.params, k)} for k in samples]
+        summary = {"id": row["id"], "outcome": "failed", "error": None, **dict.fromkeys(COUNTERS, 0)}
+
+        def billed(pt: int, ct: int) -> None:
+            summary["prompt_tokens"] += pt
+            summary["completion_tokens"] += ct
+
         async with sem:
             for attempt in range(self.cfg.max_retries + 1):
                 if self.setup_error:  # another request found the setup wrong: send nothing more
                     raise self.setup_error
-                send_at = await self.governor.acquire.remote(est_tokens, est_cost)
-                if send_at is None:
-                    return [{"id": row["id"], "outcome": "budget", "error": None}]
-                await asyncio.sleep(max(0.0, send_at - time.time()))
+                if not await self._wait_turn(est_tokens, est_cost):
+                    return {**summary, "outcome": "budget"}
+                summary["requests"] += 1
                 try:
                     resp, texts = await self._send(row["messages"], len(samples))
                 except _Retryable as e:
-                    pt, ct = e.usage or (0, 0)
-                    last = attempt == self.cfg.max_retries
-                    outcome = "failed" if last else ("rate_limited" if e.rate_limited else "retry")
-                    self.governor.settle.remote(est_tokens, est_cost, pt, ct, outcome)
-                    if last:
-                        error = f"after {attempt + 1} attempts: {e}"
+                    usage = e.usage or (0, 0)
+                    billed(*usage)
+                    self._settle(est_tokens, est_cost, usage)
+                    if attempt == self.cfg.max_retries:
+                        summary["error"] = f"after {attempt + 1} attempts: {e}"
                         break
                     pause = e.wait if e.wait is not None else backoff_s(
                         attempt, self.cfg.backoff_s, self.cfg.max_backoff_s, self.rng)
+                    summary["retries"] += 1
                     if e.rate_limited:
-                        self.governor.pause.remote(pause)
+                        summary["rate_limited"] += 1
+                        self.paused_until = max(self.paused_until, time.time() + pause)
+                        if self.governor is not None:
+                            self.governor.pause.remote(pause)
                     await asyncio.sleep(pause)
                     continue
                 except TeacherSetupError as e:
-                    self.governor.settle.remote(est_tokens, est_cost, 0, 0, "failed")
+                    self._settle(est_tokens, est_cost, (0, 0))
                     self.setup_error = e
                     raise
                 except Exception as e:  # noqa: BLE001 - e.g. a 400 for this prompt: recorded, not retried
-                    self.governor.settle.remote(est_tokens, est_cost, 0, 0, "failed")
-                    error = f"{type(e).__name__}: {e}"
+                    self._settle(est_tokens, est_cost, (0, 0))
+                    summary["error"] = f"{type(e).__name__}: {e}"
                     break
                 pt, ct = _usage(resp)
-                self.governor.settle.remote(est_tokens, est_cost, pt, ct, "ok")
+                billed(pt, ct)
+                self._settle(est_tokens, est_cost, (pt, ct))
                 for i, (r, text, choice, c) in enumerate(zip(rows, texts, resp.choices, _split(ct, len(rows)))):
                     r.update(response=text, finish_reason=choice.finish_reason,
                              prompt_tokens=pt if i == 0 else 0, completion_tokens=c)
                 self._write(rows)
-                return [{"id": row["id"], "outcome": "ok", "error": None}]
+                return {**summary, "outcome": "ok"}
+        summary["error"] = summary["error"][:500]
         for r in rows:
-            r["error"] = error[:500]
+            r["error"] = summary["error"]
+        # What failed attempts were billed for (e.g. empty answers) stays on record for the budget.
+        rows[0].update(prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"])
         self._write(rows)
-        return [{"id": row["id"], "outcome": "failed", "error": error[:500]}]
+        return summary
 
     async def _run(self, rows: list[dict]) -> list[dict]:
         sem = asyncio.Semaphore(self.cfg.concurrency)
@@ -364,7 +386,7 @@ class TeacherCaller:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return [s for summary in results for s in summary]
+        return results
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -494,12 +516,12 @@ def _todo(cfg: TeacherConfig, prompts: pa.Table, answered: set[str]) -> tuple[pa
     return table, rejected, n_samples
 
 
-def _progress(status: dict, done: int, total: int, started: float) -> str:
-    rate = status["requests"] / max(time.time() - started, 1e-9)
-    return (f"teacher: {done}/{total} prompts | {status['ok']} ok, {status['failed']} failed | "
-            f"{status['requests']} requests ({rate:.1f}/s), {status['retries']} retries "
-            f"({status['rate_limited']} rate-limited) | tokens {status['prompt_tokens']:,} in + "
-            f"{status['completion_tokens']:,} out | est. ${status['cost']:.4f} total")
+def _progress(cfg: TeacherConfig, totals: dict, done: int, total: int, started: float) -> str:
+    rate = totals["requests"] / max(time.time() - started, 1e-9)
+    return (f"teacher: {done}/{total} prompts | {totals['ok']} ok, {totals['failed']} failed | "
+            f"{totals['requests']} requests ({rate:.1f}/s), {totals['retries']} retries "
+            f"({totals['rate_limited']} rate-limited) | tokens {totals['prompt_tokens']:,} in + "
+            f"{totals['completion_tokens']:,} out | est. ${cost(cfg, totals['prompt_tokens'], totals['completion_tokens']):.4f}")
 
 
 def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_dir: str) -> dict:
@@ -522,7 +544,6 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     artifacts.begin_stage(folder, h, keep_stale=True)
     compact_journals(folder)  # what a killed run bought
 
-    stored = _stored(folder)
     answered = set(responses(folder)["request_key"].to_pylist())
     todo, rejected, n_samples = _todo(cfg, prompts, answered)
     for r in rejected[:20]:
@@ -530,9 +551,11 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     log.info("teacher: %d prompts (%d samples) to ask, %d samples stored, %d prompts rejected",
              todo.num_rows, n_samples, len(answered), len(rejected))
 
-    spent_cost, spent_tokens = _spent(cfg, stored)
-    governor = ray.remote(num_cpus=0)(Governor).remote(cfg.model_dump(), spent_cost, spent_tokens)
-    outcomes = {"ok": 0, "failed": 0, "budget": 0}
+    governor = None
+    if needs_governor(cfg):
+        governor = ray.remote(num_cpus=0)(Governor).remote(cfg.model_dump(), *_spent(cfg, _stored(folder)))
+    totals = {"ok": 0, "failed": 0, "budget": 0, **dict.fromkeys(COUNTERS, 0)}
+    stopped = None
     server = _local_teacher(prompts) if cfg.base_url is None else nullcontext()
     try:
         with server:
@@ -552,20 +575,24 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
                 last_log = time.time()
                 for batch in summaries.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for outcome in batch["outcome"].to_pylist():
-                        outcomes[outcome] += 1
+                        totals[outcome] += 1
+                    for name in COUNTERS:
+                        totals[name] += int(pc.sum(batch[name]).as_py() or 0)
                     if time.time() - last_log >= cfg.progress_every_s:
                         last_log = time.time()
-                        log.info(_progress(ray.get(governor.status.remote()), sum(outcomes.values()),
+                        log.info(_progress(cfg, totals, totals["ok"] + totals["failed"] + totals["budget"],
                                            todo.num_rows, started))
-        status = ray.get(governor.status.remote())
+        if governor is not None:
+            stopped = ray.get(governor.status.remote())["stopped"]
     finally:
         # (After a failure the journals stay: an actor may still be writing; the next run folds them.)
-        ray.kill(governor)
+        if governor is not None:
+            ray.kill(governor)
     compact_journals(folder)
-    log.info(_progress(status, sum(outcomes.values()), todo.num_rows, started))
-    if status["stopped"]:
+    log.info(_progress(cfg, totals, totals["ok"] + totals["failed"] + totals["budget"], todo.num_rows, started))
+    if stopped:
         log.warning("teacher: stopped early, %s; %d prompts not asked (they are asked on the next run)",
-                    status["stopped"], outcomes["budget"])
+                    stopped, totals["budget"])
 
     got = answers(cfg, prompts, folder)
     stored = _stored(folder)
@@ -602,12 +629,14 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         failed_ids=[r["id"] for r in failed + not_asked][:1000],
         # What downstream stages hash: changes whenever a retry adds responses.
         responses_hash=fingerprint(sorted(ok["request_key"].to_pylist())),
-        requests={k: status[k] for k in ("requests", "retries", "rate_limited", "ok", "failed")},
+        # This run's calls (billed failures such as empty answers included), and all stored ones.
+        requests={k: totals[k] for k in ("requests", "retries", "rate_limited")},
         tokens={"prompt": int(pc.sum(ok["prompt_tokens"]).as_py() or 0),
                 "completion": int(pc.sum(ok["completion_tokens"]).as_py() or 0),
-                "this_run": status["prompt_tokens"] + status["completion_tokens"], "all_stored": total_tokens},
-        cost={"this_run": round(status["cost_this_run"], 6), "all_stored": round(total_cost, 6),
+                "this_run": totals["prompt_tokens"] + totals["completion_tokens"], "all_stored": total_tokens},
+        cost={"this_run": round(cost(cfg, totals["prompt_tokens"], totals["completion_tokens"]), 6),
+              "all_stored": round(total_cost, 6),
               "prices_per_million": [cfg.price_per_million_prompt_tokens, cfg.price_per_million_completion_tokens]},
-        budget={"max_cost": cfg.max_cost, "max_total_tokens": cfg.max_total_tokens, "stopped": status["stopped"]},
+        budget={"max_cost": cfg.max_cost, "max_total_tokens": cfg.max_total_tokens, "stopped": stopped},
         **artifacts.write_rejected(folder, rejected),
     )
