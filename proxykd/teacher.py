@@ -561,7 +561,11 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         with server:
             base_url = cfg.base_url or server.base_url
             if todo.num_rows:
-                batch_size = max(cfg.concurrency * 4, 16)
+                # Large batches keep `concurrency` calls in flight with few gaps between batches
+                # (the journal, not the batch, is what survives a crash); enough of them that
+                # every actor gets work.
+                batch_size = max(cfg.concurrency, min(cfg.concurrency * 16,
+                                                      math.ceil(todo.num_rows / (cfg.num_actors * 2))))
                 summaries = artifacts.to_dataset(todo, batch_size).map_batches(
                     TeacherCaller,
                     fn_constructor_kwargs={"base_url": base_url, "cfg": cfg.model_dump(), "governor": governor,

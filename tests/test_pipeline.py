@@ -3,7 +3,10 @@ then its artifacts checked against the contracts in DESIGN.md, then a rerun that
 
 import json
 import os
+import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +28,48 @@ def _env():
 
 @pytest.fixture(scope="module")
 def cluster():
-    port, dash = free_port(), free_port()
-    subprocess.run(
-        ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+    """A `ray start --head` cluster of our own, stopped by killing its process group (not with
+    `ray stop --force`, which would take down every other Ray on this machine too)."""
+    port, dash, agent = free_port(), free_port(), free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4",
-         "--disable-usage-stats"],
-        check=True, env=_env(), capture_output=True, timeout=120,
+         # (a free agent port: another Ray on this machine may hold the default one)
+         "--dashboard-agent-listen-port", str(agent), "--disable-usage-stats"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the Ray head did not come up in 120 s"
+                time.sleep(1)
+        yield address
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
 
 
 def _submit(address: str, config: Path) -> str:
-    proc = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         "python", "jobs/pipeline.py", "--config", str(config)],
-        env=_env(), capture_output=True, text=True, timeout=900, cwd=REPO,
-    )
-    out = proc.stdout + proc.stderr
+    for _ in range(30):
+        proc = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             "python", "jobs/pipeline.py", "--config", str(config)],
+            env=_env(), capture_output=True, text=True, timeout=900, cwd=REPO,
+        )
+        out = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in out:  # the head's job agent is still starting
+            break
+        time.sleep(2)
     assert proc.returncode == 0, out[-5000:]
     return out
 
@@ -75,11 +100,14 @@ def test_prompts_and_teacher_artifacts(run):
     assert set(prompts["split"].to_pylist()) == {"warmup", "proxy", "student", "eval"}
     shards = shard_files(run["run_dir"] / "teacher")
     teacher = pa.concat_tables([pq.read_table(f) for f in shards])
-    assert teacher.column_names == ["id", "messages", "response", "finish_reason", "model", "prompt_tokens",
-                                    "completion_tokens", "request_key", "error"]
-    assert sorted(teacher["id"].to_pylist()) == sorted(prompts["id"].to_pylist())
+    assert teacher.column_names == ["id", "sample_index", "messages", "response", "finish_reason", "model",
+                                    "prompt_tokens", "completion_tokens", "request_key", "error"]
+    # one stored answer per distinct request; prompts with the same messages share it
+    assert len(set(teacher["request_key"].to_pylist())) == teacher.num_rows
+    assert set(teacher["id"].to_pylist()) <= set(prompts["id"].to_pylist())
+    assert len({json.dumps(m) for m in prompts["messages"].to_pylist()}) == teacher.num_rows
     assert teacher["error"].null_count == teacher.num_rows
-    assert manifest(run, "teacher")["rows"]["ok"] == teacher.num_rows
+    assert manifest(run, "teacher")["rows"]["ok"] == prompts.num_rows
 
 
 def test_align_rounds_and_logits_contract(run):
