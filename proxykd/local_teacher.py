@@ -5,6 +5,7 @@ the OpenAI HTTP API, so everything that talks to a teacher can run without an AP
 laptops, CI. It answers
 
     GET  /v1/models             the one model it serves
+    GET  /stats                 what it counted (not OpenAI; for benchmarks and tests)
     GET  /v1/models/{model}     that model, or 404
     POST /v1/chat/completions   keyed by the last user message (see `lookup_key`)
     POST /v1/completions        keyed by `prompt`, exactly
@@ -352,6 +353,14 @@ class LocalTeacher:
         with self._lock:
             return self._request_count
 
+    def stats(self) -> dict:
+        """Requests received, faults injected, clean answers billed, and the seconds from the first
+        to the last completion request."""
+        with self._lock:
+            t = self.arrivals
+            return {"requests": self._request_count, "faults": dict(self.fault_counts),
+                    "billed": sum(self.billed.values()), "span_s": t[-1] - t[0] if len(t) > 1 else 0.0}
+
     # -- HTTP ----------------------------------------------------------------------------------
 
     def _build_app(self) -> FastAPI:
@@ -365,6 +374,11 @@ class LocalTeacher:
         async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
             # Unknown routes and wrong methods, OpenAI-style as well.
             return TeacherError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
+        @app.get("/stats")
+        async def stats() -> dict:
+            # Not OpenAI: what this server counted, for benchmarks that run it in another process.
+            return self.stats()
 
         @app.get("/v1/models")
         async def list_models() -> dict:

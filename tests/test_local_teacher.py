@@ -361,3 +361,19 @@ def test_fault_rates_are_validated():
         Faults(latency_s=-1)
     assert Faults(rate_limit=0.2, timeout=0.1).draw(0.25) == "timeout"
     assert Faults(rate_limit=0.2).draw(0.1) == "rate_limit" and Faults(rate_limit=0.2).draw(0.5) is None
+
+
+def test_stats_route_counts_requests_faults_and_billing():
+    with LocalTeacher(TABLE, faults=Faults(server_error=0.5, seed=1)) as t, openai.OpenAI(
+            base_url=t.base_url, api_key="x", max_retries=0) as c:
+        for i in range(20):
+            try:
+                c.chat.completions.create(**CHAT, max_tokens=i + 1)
+            except openai.InternalServerError:
+                pass
+        conn = http.client.HTTPConnection("127.0.0.1", _port(t.base_url), timeout=10)
+        conn.request("GET", "/stats")
+        stats = json.loads(conn.getresponse().read())
+        conn.close()
+        assert stats["requests"] == 20 and stats["faults"]["server_error"] + stats["billed"] == 20
+        assert 0 < stats["span_s"] and stats == t.stats()
