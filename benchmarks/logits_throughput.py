@@ -4,9 +4,11 @@ same rows, same model, same machine; then the bytes per token of the stored top-
 
     python benchmarks/logits_throughput.py                  # CPU: a ~20M-parameter Llama, vocab 32k
     python benchmarks/logits_throughput.py --hidden 1024 --layers 12 --rows 512 --batch 32   # e.g. GPU
+    python benchmarks/logits_throughput.py --model HF_FOLDER --text README.md DESIGN.md   # a real model
 
-Rows are random token ids (prompt + response) and the model is randomly initialised: speed does
-not depend on either, but a trained proxy's log-probs compress differently (see the README).
+By default the model is a random Llama and the rows random token ids: speed depends on neither,
+but log-probs of a trained model on real text are spread differently and compress differently;
+`--model` with `--text` (files cut into rows with the model's tokenizer) measures that.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import pyarrow.parquet as pq
 import torch
 
 from proxykd.config import ResourcesConfig
-from proxykd.models import build_byte_tokenizer
+from proxykd.logits import PARQUET_OPTIONS
+from proxykd.models import build_byte_tokenizer, load_tokenizer
 from proxykd.vllm_actors import (
     Scorer,
     engine_kwargs,
@@ -55,6 +58,25 @@ def make_rows(rng: np.random.Generator, n: int, vocab: int, prompt: tuple[int, i
     return ids, starts.tolist()
 
 
+def text_rows(tokenizer, paths: list[str], rng: np.random.Generator, n: int, prompt: tuple[int, int],
+              response: tuple[int, int]):
+    """Consecutive pieces of the files' token stream (wrapping around) as rows."""
+    stream = []
+    for path in paths:
+        with open(path) as f:
+            stream += tokenizer(f.read(), add_special_tokens=False)["input_ids"]
+    ids, starts, pos = [], [], 0
+    for _ in range(n):
+        start = int(rng.integers(*prompt))
+        length = start + int(rng.integers(*response))
+        if pos + length > len(stream):
+            pos = 0
+        ids.append(stream[pos : pos + length])
+        starts.append(start)
+        pos += length
+    return ids, starts
+
+
 def batches(ids: list, starts: list, size: int) -> list[pa.Table]:
     return [pa.table({"id": [f"r{j}" for j in range(i, min(i + size, len(ids)))],
                       "input_ids": pa.array(ids[i:i + size], pa.list_(pa.int32())),
@@ -83,14 +105,13 @@ def hf_scores(model, table: pa.Table, k: int, device) -> list[tuple]:
     return out
 
 
-def timed(fn, tables: list[pa.Table], device=None) -> tuple[float, list]:
-    fn(tables[0])  # warm-up
-    if device is not None and device.type == "cuda":
+def timed(fn, tables: list[pa.Table], device) -> tuple[float, list]:
+    if device.type == "cuda":
         torch.cuda.synchronize()
     t0, out = time.perf_counter(), []
     for t in tables:
         out.append(fn(t))
-    if device is not None and device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, out
 
@@ -128,10 +149,13 @@ def storage(results: list[tuple], k: int, id_type: str, lp_dtype: str) -> dict:
     cols = topk_columns(results, id_type, lp_dtype)
     table = pa.table({**cols, **logprob_columns(results)}).select(["topk_ids", "topk_logprobs"])
     n = sum(len(r[0]) for r in results)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    sizes = {}
+    for name, options in (("zstd", {"compression": "zstd"}), ("stage", PARQUET_OPTIONS)):
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **options)
+        sizes[name] = buf.tell() / n
     entry = np.dtype(id_type).itemsize + np.dtype(lp_dtype).itemsize
-    return {"entry": entry, "raw": table.nbytes / n, "parquet": buf.tell() / n}
+    return {"entry": entry, "raw": table.nbytes / n, **sizes}
 
 
 def main() -> None:
@@ -147,6 +171,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="torch threads of the transformers loop (vLLM on CPU computes on all cores but one)")
     ap.add_argument("--dtype", default="float32", help="model dtype of both paths")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", help="a Hugging Face folder (with tokenizer) instead of the random Llama")
+    ap.add_argument("--text", nargs="+", help="text files to cut into rows (with --model) instead of random ids")
     ap.add_argument("--ray-data", action="store_true",
                     help="also run the rows through Ray Data with a Scorer actor pool, as the stage does")
     args = ap.parse_args()
@@ -157,9 +184,20 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
     max_len = args.prompt[1] + args.response[1]
-    folder = tempfile.mkdtemp(prefix="logits-bench-")
-    build_model(folder, args.hidden, args.layers, args.vocab, max_len + 1)
-    ids, starts = make_rows(np.random.default_rng(0), args.rows, args.vocab, tuple(args.prompt), tuple(args.response))
+    rng = np.random.default_rng(0)
+    if args.model:
+        from transformers import AutoConfig
+
+        folder = args.model
+        args.vocab = AutoConfig.from_pretrained(folder).vocab_size
+    else:
+        folder = tempfile.mkdtemp(prefix="logits-bench-")
+        build_model(folder, args.hidden, args.layers, args.vocab, max_len + 1)
+    if args.text:
+        ids, starts = text_rows(load_tokenizer(folder), args.text, rng, args.rows, tuple(args.prompt),
+                                tuple(args.response))
+    else:
+        ids, starts = make_rows(rng, args.rows, args.vocab, tuple(args.prompt), tuple(args.response))
     tables = batches(ids, starts, args.batch)
     tokens = sum(len(r) for r in ids)
     id_type = token_id_type(args.vocab)
@@ -168,24 +206,39 @@ def main() -> None:
     print(f"device {device}, model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"vocab {args.vocab}, {args.rows} rows, {tokens} tokens, batch {args.batch}, "
           f"transformers threads {torch.get_num_threads()}")
-    hf = {}
-    for k in args.topk:
-        hf[k] = timed(lambda t, k=k, m=model: hf_scores(m, t, k, device), tables, device)
-    del model
-
     res = ResourcesConfig(vllm_gpus_per_actor=1 if device.type == "cuda" else 0)
     engine = engine_kwargs(folder, max_len + 1, 0, res, args.dtype, max_logprobs=max(20, *args.topk))
     scorer = Scorer(engine, top_k=args.topk[0], id_type=id_type, logprob_dtype="float16")
-    vl = {}
-    for k in args.topk:
-        scorer.k = k
-        vl[k] = timed(lambda t: scorer(t), tables)
 
-    print("\nthroughput (prompt + response tokens per second; same rows, same machine)")
+    def transformers_loop(t, k):
+        return hf_scores(model, t, k, device)
+
+    def vllm_scorer(t, k):
+        scorer.k = k
+        return scorer(t)
+
+    # Warm both up, then interleave the repeats so drift on a shared machine hits both alike.
+    transformers_loop(tables[0], args.topk[0])
+    vllm_scorer(tables[0], args.topk[0])
+    times = {(path, k): [] for path in ("hf", "vllm") for k in args.topk}
+    outputs = {}
+    for _ in range(args.repeats):
+        for k in args.topk:
+            for path, fn in (("hf", transformers_loop), ("vllm", vllm_scorer)):
+                seconds, outputs[path, k] = timed(lambda t, fn=fn, k=k: fn(t, k), tables, device)
+                times[path, k].append(seconds)
+    hf = {k: (float(np.median(times["hf", k])), outputs["hf", k]) for k in args.topk}
+    vl = {k: (float(np.median(times["vllm", k])), outputs["vllm", k]) for k in args.topk}
+
+    print(f"\nthroughput (prompt + response tokens per second, median of {args.repeats} interleaved runs; "
+          "same rows, same machine)")
     print("k   | vLLM scorer tok/s | transformers loop tok/s | vLLM/transformers")
     for k in args.topk:
         v, h = tokens / vl[k][0], tokens / hf[k][0]
         print(f"{k:<3} | {v:17.0f} | {h:23.0f} | {v / h:17.2f}")
+    for k in args.topk:
+        print(f"k={k} seconds per run: vLLM {[round(x, 2) for x in times['vllm', k]]}, "
+              f"transformers {[round(x, 2) for x in times['hf', k]]}")
 
     # the two paths agree (both float32): top-1 ids equal wherever the top-2 gap is clear
     k = args.topk[0]
@@ -197,14 +250,15 @@ def main() -> None:
     print(f"top-1 agreement where clear: {(v_ids[clear, 0] == h_ids[clear, 0]).mean():.4f} "
           f"({clear.sum()} of {len(clear)} positions)")
 
-    print(f"\nstorage per response token (ids {id_type}; raw = Arrow buffers before Parquet, offsets included)")
-    print("k   | log-probs | values B/entry | raw B/token | raw B/entry | Parquet zstd B/token | zstd B/entry")
+    print(f"\nstorage per response token (ids {id_type}; raw = Arrow buffers before Parquet, list offsets included; "
+          "Parquet: plain zstd, and the stage's writer options)")
+    print("k   | log-probs | values B/entry | raw B/token | raw B/entry | zstd B/entry | stage B/token | stage B/entry")
     for k in args.topk:
         results = scorer.score(ids, starts, k)  # the scorer's own float32 values, stored either way
         for lp_dtype in ("float16", "float32"):
             s = storage(results, k, id_type, lp_dtype)
             print(f"{k:<3} | {lp_dtype:9} | {s['entry']:14d} | {s['raw']:11.1f} | {s['raw'] / k:11.2f} | "
-                  f"{s['parquet']:20.1f} | {s['parquet'] / k:12.2f}")
+                  f"{s['zstd'] / k:12.2f} | {s['stage']:13.1f} | {s['stage'] / k:13.2f}")
     del scorer.llm
 
     if args.ray_data:

@@ -146,8 +146,11 @@ def test_stage_schema_and_one_row_per_id(stage):
     assert {"response_start", "ll", "weight"} <= set(t.column_names) and "error" not in t.column_names
     m = stage["manifest"]
     assert (m["token_id_type"], m["logprob_dtype"], m["rows"]) == ("uint16", "float32", {"scored": 5, "new": 5})
-    assert all(pq.ParquetFile(f).metadata.row_group(0).column(0).compression == "ZSTD"
-               for f in artifacts.shard_files(stage["folder"]))
+    for f in artifacts.shard_files(stage["folder"]):
+        group = pq.ParquetFile(f).metadata.row_group(0)
+        columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+        assert all(c.compression == "ZSTD" for c in columns.values())
+        assert "BYTE_STREAM_SPLIT" in columns["topk_logprobs.list.element.list.element"].encodings
 
 
 def test_stage_topk_equals_transformers_forward_within_1e3(stage):
