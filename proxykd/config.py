@@ -148,7 +148,7 @@ class LogitsConfig(_Strict):
         "reject", description="rows over max_length: reject (with id), or cut the response (prompt kept whole)"
     )
     logprob_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="stored top-k log-probs: float16 (2 bytes, ~5e-4 relative error) or float32 (exact)"
+        "float16", description="stored top-k log-probs: float16 (2 bytes, relative rounding <= 2^-11) or float32 (as vLLM returns them)"
     )
     batch_size: int = Field(16, gt=0)
 

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_topk_matches, student_split, tiny_config
 
 from proxykd import artifacts, logits
-from proxykd.config import ModelConfig, TinyModelSpec, parse_config
+from proxykd.config import ConfigError, ModelConfig, TinyModelSpec, parse_config
 from proxykd.logits import add_weights, limit_length, merge_moments, moments
 from proxykd.models import load_tokenizer, materialize_model
 from proxykd.tokenization import encode_example
@@ -104,6 +104,14 @@ def test_add_weights_streams_shards_and_moves_failed_rows_out(tmp_path):
     mean2, _, failed2 = add_weights(tmp_path)
     assert failed2 == [] and mean2 == pytest.approx(24 / 6)
     assert artifacts.read_shards(tmp_path).column_names == ["id", "input_ids", "ll", "weight"]
+
+
+@pytest.mark.parametrize("key,value", [("overlong", "cut"), ("logprob_dtype", "bfloat16")])
+def test_logits_config_keys_are_validated(tmp_path, key, value):
+    assert parse_config(tiny_config(tmp_path)).logits.overlong == "reject"  # the documented defaults
+    assert parse_config(tiny_config(tmp_path)).logits.logprob_dtype == "float16"
+    with pytest.raises(ConfigError, match=f"logits.{key}"):
+        parse_config(tiny_config(tmp_path, logits={key: value}))
 
 
 # ---------------------------------------------------------------- the stage, for real ----
