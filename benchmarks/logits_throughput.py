@@ -125,7 +125,7 @@ def ray_data_stage(tables: list[pa.Table], k: int, id_type: str, engine: dict,
     from proxykd import artifacts
     from proxykd.vllm_actors import map_kwargs
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         rows = tables[0].num_rows
         ds = artifacts.to_dataset(pa.concat_tables(tables), rows).map_batches(
