@@ -23,7 +23,8 @@ def local_ray():
     """One local Ray per test module, on loopback, shut down afterwards."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    # address="local": a cluster of its own even while a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
