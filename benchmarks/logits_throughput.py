@@ -191,7 +191,8 @@ def main() -> None:
         folder = args.model
         args.vocab = AutoConfig.from_pretrained(folder).vocab_size
     else:
-        folder = tempfile.mkdtemp(prefix="logits-bench-")
+        tmp = tempfile.TemporaryDirectory(prefix="logits-bench-")  # removed when the script ends
+        folder = tmp.name
         build_model(folder, args.hidden, args.layers, args.vocab, max_len + 1)
     if args.text:
         ids, starts = text_rows(load_tokenizer(folder), args.text, rng, args.rows, tuple(args.prompt),
