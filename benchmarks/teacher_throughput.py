@@ -75,7 +75,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     table = {f"What is {i} + 1?": f"The answer is {i + 1}." for i in range(args.requests + args.rpm_requests)}
-    ray.init(num_cpus=max(4, args.actors), include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=max(4, args.actors), include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     with LocalTeacher(table, faults=Faults(latency_s=args.latency)) as server:
         seq = sequential_rps(server.base_url, args.baseline_requests)

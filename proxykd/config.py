@@ -165,7 +165,13 @@ class LogitsConfig(_Strict):
     """Also fixes the student's training rows: distillation reads exactly these sequences."""
 
     top_k: int = Field(10, gt=0)
-    max_length: int = Field(1024, gt=0, description="prompt + response tokens; longer rows are rejected")
+    max_length: int = Field(1024, gt=0, description="prompt + response tokens (capped by the proxy's context)")
+    overlong: Literal["reject", "truncate"] = Field(
+        "reject", description="rows over max_length: reject (with id), or cut the response (prompt kept whole)"
+    )
+    logprob_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="stored top-k log-probs: float16 (2 bytes, relative rounding <= 2^-11) or float32 (as vLLM returns them)"
+    )
     batch_size: int = Field(16, gt=0)
 
 

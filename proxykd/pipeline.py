@@ -40,7 +40,8 @@ def init_ray(cfg: RunConfig) -> None:
         return
     # A local cluster: keep vLLM and Ray on loopback.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    # address="local": never join a `ray start` cluster that happens to run on this machine.
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def _file_digest(path: str) -> str:

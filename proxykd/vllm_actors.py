@@ -6,7 +6,7 @@
   the top-k token ids/log-probs at every response position, plus the sum and mean log-likelihood of
   the response (the logits stage).
 
-Batches are pyarrow tables; token ids travel as int32 lists.
+Batches are pyarrow tables.
 """
 
 from __future__ import annotations
@@ -104,31 +104,63 @@ def topk_from_prompt_logprobs(
 def logprob_columns(results: list[tuple]) -> dict[str, pa.Array]:
     """`ll` (mean response log-likelihood) and `ll_sum` columns from `score` results."""
     return {
-        "ll": pa.array([float(r[2].mean()) if len(r[2]) else 0.0 for r in results], pa.float64()),
+        "ll": pa.array([float(r[2].mean()) if len(r[2]) else math.nan for r in results], pa.float64()),
         "ll_sum": pa.array([float(r[2].sum()) for r in results], pa.float64()),
     }
 
 
-def topk_columns(results: list[tuple]) -> dict[str, pa.Array]:
-    """`topk_ids` as int32 and `topk_logprobs` as float16 lists, one inner list per position."""
-    return {
-        "topk_ids": pa.array([r[0].tolist() for r in results], pa.list_(pa.list_(pa.int32()))),
-        "topk_logprobs": pa.array(
-            [r[1].astype(np.float16).tolist() for r in results], pa.list_(pa.list_(pa.float16()))
-        ),
-    }
+def token_id_type(vocab_size: int) -> str:
+    """The narrowest integer type holding every id of the vocabulary (ids are 0 .. vocab_size-1)."""
+    if vocab_size <= 1 << 8:
+        return "uint8"
+    if vocab_size <= 1 << 16:
+        return "uint16"
+    return "int32"
+
+
+def topk_columns(results: list[tuple], id_type: str, logprob_dtype: str) -> dict[str, pa.Array]:
+    """`topk_ids` (`id_type`) and `topk_logprobs` (`logprob_dtype`) as list<list<...>>: one inner
+    list of k entries per response position. Built from flat numpy buffers, not Python lists."""
+    k = results[0][0].shape[1] if results else 0
+    counts = np.array([len(r[0]) for r in results], np.int32)
+    outer = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    inner = pa.array((np.arange(int(counts.sum()) + 1) * k).astype(np.int32))
+
+    def nested(parts: list[np.ndarray], dtype: str) -> pa.Array:
+        flat = np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0)
+        values = pa.array(flat.astype(dtype), pa.from_numpy_dtype(np.dtype(dtype)))
+        return pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(inner, values))
+
+    return {"topk_ids": nested([r[0] for r in results], id_type),
+            "topk_logprobs": nested([r[1] for r in results], logprob_dtype)}
 
 
 class Scorer(VLLMEngine):
-    """Adds `ll`, `ll_sum`, `topk_ids`, `topk_logprobs` to batches with `input_ids` and
-    `response_start` (the logits stage)."""
+    """Adds `ll`, `ll_sum`, `topk_ids`, `topk_logprobs` and `error` to batches with `input_ids` and
+    `response_start` (the logits stage). A row vLLM refuses gets `error` (and empty lists) instead
+    of failing its batch, and with it the whole Ray Data job."""
 
-    def __init__(self, engine: dict, top_k: int, kv_cache_gb: int = 1):
+    def __init__(self, engine: dict, top_k: int, id_type: str = "int32", logprob_dtype: str = "float16",
+                 kv_cache_gb: int = 1):
         super().__init__(engine, kv_cache_gb)
-        self.k = top_k
+        self.k, self.id_type, self.logprob_dtype = top_k, id_type, logprob_dtype
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        results = self.score(batch["input_ids"].to_pylist(), batch["response_start"].to_pylist(), self.k)
-        for name, col in {**logprob_columns(results), **topk_columns(results)}.items():
+        ids, starts = batch["input_ids"].to_pylist(), batch["response_start"].to_pylist()
+        try:
+            results, errors = self.score(ids, starts, self.k), [None] * len(ids)
+        except Exception:  # noqa: BLE001 - find the bad row(s): score one at a time
+            results, errors = [], []
+            for row, start in zip(ids, starts):
+                try:
+                    results.append(self.score([row], [start], self.k)[0])
+                    errors.append(None)
+                except Exception as e:  # noqa: BLE001 - reported with the row's id by the stage
+                    results.append((np.zeros((0, self.k), np.int32), np.zeros((0, self.k), np.float32),
+                                    np.zeros(0, np.float32)))
+                    errors.append(f"scoring failed: {type(e).__name__}: {e}")
+        columns = {**logprob_columns(results), **topk_columns(results, self.id_type, self.logprob_dtype),
+                   "error": pa.array(errors, pa.string())}
+        for name, col in columns.items():
             batch = batch.append_column(name, col)
         return batch

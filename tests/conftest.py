@@ -23,7 +23,8 @@ def local_ray():
     """One local Ray per test module, on loopback, shut down afterwards."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    # address="local": a cluster of its own even while a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -51,3 +52,39 @@ def tiny_config(run_dir, **sections) -> dict:
     for key, value in sections.items():
         tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
     return tree
+
+
+def assert_topk_matches(got_ids, got_lp, ref, k: int, atol: float) -> None:
+    """Stored top-k (`got_ids`, `got_lp` [n, k]) against reference log-probs `ref` [n, V] (a torch
+    tensor from a plain transformers forward). Values: entry j is the j-th largest log-prob. Ids:
+    equal to the reference top-k wherever the rank is clear of its neighbours by 2·atol; inside a
+    near-tie two engines may order the tied ids differently, so every stored id must also carry
+    the stored log-prob under the reference (a wrong id cannot pass that)."""
+    import numpy as np
+    import torch
+
+    top = ref.topk(k + 1)
+    assert got_ids.shape == got_lp.shape == (ref.shape[0], k)
+    np.testing.assert_allclose(got_lp, top.values[:, :k].numpy(), rtol=0, atol=atol)
+    gaps = (top.values[:, :-1] - top.values[:, 1:]).numpy()
+    clear = (gaps[:, :k] > 2 * atol) & np.concatenate([np.ones((len(gaps), 1), bool), gaps[:, : k - 1] > 2 * atol], 1)
+    assert clear.mean() > 0.5  # the test must actually compare ids
+    assert (got_ids == top.indices[:, :k].numpy())[clear].all()
+    np.testing.assert_allclose(ref.gather(1, torch.as_tensor(got_ids, dtype=torch.long)).numpy(), got_lp,
+                               rtol=0, atol=atol)
+    assert all(len(set(r)) == k for r in got_ids.tolist())  # k distinct ids per position
+
+
+def student_split(rows):
+    """(prompts, teacher) tables for the logits stage from [(id, user message, response,
+    finish_reason)], every row in the student split."""
+    import pyarrow as pa
+
+    from proxykd.data import PROMPT_SCHEMA
+
+    prompts = pa.Table.from_pylist(
+        [{"id": rid, "messages": [{"role": "user", "content": msg}], "reference": None, "split": "student",
+          "task": None, "metadata": "{}"} for rid, msg, _, _ in rows], schema=PROMPT_SCHEMA)
+    teacher = pa.table({"id": [r[0] for r in rows], "response": [r[2] for r in rows],
+                        "finish_reason": [r[3] for r in rows]})
+    return prompts, teacher

@@ -139,6 +139,22 @@ def test_collate_kd():
     assert np.all(out["topk_ids"][0, :2] == 0) and np.all(out["topk_ids"][1, 2:] == 0)
 
 
+@pytest.mark.parametrize("id_type,lp_type", [(pa.uint16(), pa.float16()), (pa.uint8(), pa.float32()),
+                                             (pa.int32(), pa.float32())])
+def test_collate_kd_reads_every_stored_id_and_logprob_type(id_type, lp_type):
+    """The logits stage stores ids in the narrowest type the vocabulary allows and log-probs as
+    float16 or float32: collate gives the same int64/float32 arrays for each."""
+    table = _kd_table()
+    cast = table.cast(pa.schema([
+        f.with_type({"input_ids": pa.list_(id_type), "topk_ids": pa.list_(pa.list_(id_type)),
+                     "topk_logprobs": pa.list_(pa.list_(lp_type))}.get(f.name, f.type)) for f in table.schema]))
+    assert cast.schema.field("topk_ids").type == pa.list_(pa.list_(id_type))
+    want, got = collate("kd", table, PAD), collate("kd", cast, PAD)
+    for name in want:
+        assert got[name].dtype == want[name].dtype
+        np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_collate_sft_has_no_topk():
     out = collate("sft", _kd_table().select(["id", "input_ids", "response_start"]), pad_id=7)
     assert set(out) == {"input_ids", "attention_mask", "labels"}

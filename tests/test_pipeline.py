@@ -120,8 +120,9 @@ def test_align_rounds_and_logits_contract(run):
     assert len(files) > 1  # written block by block, not as one file at the end
     logits = pa.concat_tables([pq.read_table(f) for f in files])
     schema = logits.schema
-    assert schema.field("input_ids").type == pa.list_(pa.int32())
-    assert schema.field("topk_ids").type == pa.list_(pa.list_(pa.int32()))
+    # byte-level vocabulary of 262 tokens: the narrowest id type is uint16
+    assert schema.field("input_ids").type == pa.list_(pa.uint16())
+    assert schema.field("topk_ids").type == pa.list_(pa.list_(pa.uint16()))
     assert schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.float16()))
     assert {"id", "response_start", "ll", "weight"} <= set(logits.column_names)
     k = manifest(run, "logits")["top_k"]

@@ -38,7 +38,7 @@ def client(tmp_path_factory):
     path = materialize_model(ModelConfig(tiny=TinyModelSpec()), tmp_path_factory.mktemp("serve") / "student", seed=0)
     port = _free_port()
     # Logical CPUs may exceed physical ones: this leaves room for the ingress and the engine bundle.
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         t0 = time.time()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -179,7 +179,7 @@ def test_no_stored_response_is_asked_again_after_kill_9(tmp_path, monkeypatch, l
         from proxykd.config import RunConfig
         from proxykd.data import build_prompts
         cfg = RunConfig.model_validate_json(open({str(tmp_path / "cfg.json")!r}).read())
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
         prompts, _ = build_prompts(cfg.data)
         teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
     """))

@@ -4,12 +4,19 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import assert_topk_matches
 
 from proxykd.config import ModelConfig, ResourcesConfig, TinyModelSpec
 from proxykd.encode import IDS
 from proxykd.models import load_tokenizer, materialize_model
 from proxykd.tokenization import encode_example
-from proxykd.vllm_actors import Scorer, engine_kwargs
+from proxykd.vllm_actors import (
+    Scorer,
+    engine_kwargs,
+    logprob_columns,
+    token_id_type,
+    topk_columns,
+)
 
 K = 5
 EXAMPLES = [
@@ -26,41 +33,104 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorer(model):
-    s = Scorer(engine_kwargs(model, 512, 0, ResourcesConfig(), "float32"), top_k=K)
+    s = Scorer(engine_kwargs(model, 512, 0, ResourcesConfig(), "float32"), top_k=K, id_type="uint16",
+               logprob_dtype="float32")
     yield s
     del s.llm
 
 
-def test_scorer_matches_transformers_forward(model, scorer):
+@pytest.fixture(scope="module")
+def reference(model):
+    """Plain transformers forward: log_softmax over the vocabulary at every position."""
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(model)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     encoded = [encode_example(tok, m, r, 512) for m, r in EXAMPLES]
-    batch = pa.table({"id": ["a", "b", "c"], "input_ids": pa.array([e[0] for e in encoded], IDS),
-                      "response_start": pa.array([e[1] for e in encoded], pa.int32())})
-    out = scorer(batch)
-    assert out.column_names == ["id", "input_ids", "response_start", "ll", "ll_sum", "topk_ids", "topk_logprobs"]
-    assert out.schema.field("topk_ids").type == pa.list_(pa.list_(pa.int32()))
-    assert out.schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.float16()))
-    for row, (ids, start) in zip(out.to_pylist(), encoded):
+    logps = []
+    for ids, start in encoded:
         with torch.no_grad():
             logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
-        # logits at t-1 predict token t: response positions start..len-1
-        ref = logp[start - 1 : len(ids) - 1]
-        top = ref.topk(K + 1)
-        got_ids = np.array(row["topk_ids"])
-        got_lp = np.array(row["topk_logprobs"], np.float32)
-        assert got_ids.shape == (len(ids) - start, K)
-        # ids must match wherever the ranking is not a near-tie
-        gaps = (top.values[:, :-1] - top.values[:, 1:]).numpy()
-        clear = gaps > 1e-3
-        assert (got_ids == top.indices[:, :K].numpy())[clear].all()
-        # float16 storage: ~1e-3 relative
-        np.testing.assert_allclose(got_lp, top.values[:, :K].numpy(), rtol=2e-3, atol=2e-3)
+        logps.append(logp[start - 1 : len(ids) - 1])  # logits at t-1 predict token t
+    return encoded, logps
+
+
+def _batch(encoded, ids=("a", "b", "c")):
+    return pa.table({"id": list(ids), "input_ids": pa.array([e[0] for e in encoded], IDS),
+                     "response_start": pa.array([e[1] for e in encoded], pa.int32())})
+
+
+TOL = 1e-3  # vLLM vs transformers, both float32
+
+
+def test_scorer_float32_matches_transformers_forward_within_1e3(scorer, reference):
+    encoded, logps = reference
+    out = scorer(_batch(encoded))
+    assert out.column_names == ["id", "input_ids", "response_start", "ll", "ll_sum", "topk_ids", "topk_logprobs",
+                                "error"]
+    assert out.schema.field("topk_ids").type == pa.list_(pa.list_(pa.uint16()))
+    assert out.schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.float32()))
+    for row, (ids, start), ref in zip(out.to_pylist(), encoded, logps):
+        assert row["error"] is None
+        assert row["input_ids"] == ids  # passed through untouched: the ids distill will feed
+        assert_topk_matches(np.array(row["topk_ids"]), np.array(row["topk_logprobs"], np.float32), ref, K, TOL)
         actual = ref[torch.arange(len(ids) - start), torch.tensor(ids[start:])].numpy()
-        assert row["ll_sum"] == pytest.approx(float(actual.sum()), abs=1e-3)
+        assert row["ll_sum"] == pytest.approx(float(actual.sum()), abs=TOL)
         assert row["ll"] == pytest.approx(float(actual.mean()), abs=1e-4)
+
+
+def test_float16_storage_is_float32_rounded(scorer, reference):
+    """float16 storage adds only its own rounding: |fp16(x) − x| ≤ 2^-11·|x| for normal numbers
+    (about 0.008 at |x| in [8, 16)), on top of the engine-vs-transformers tolerance."""
+    encoded, logps = reference
+    results = scorer.score([e[0] for e in encoded], [e[1] for e in encoded], K)
+    half = topk_columns(results, "uint16", "float16")
+    full = topk_columns(results, "uint16", "float32")
+    assert half["topk_logprobs"].type == pa.list_(pa.list_(pa.float16()))
+    assert half["topk_ids"].to_pylist() == full["topk_ids"].to_pylist()
+    for h, f, ref in zip(half["topk_logprobs"].to_pylist(), full["topk_logprobs"].to_pylist(), logps):
+        h, f = np.array(h, np.float32), np.array(f, np.float32)
+        np.testing.assert_array_equal(h, f.astype(np.float16).astype(np.float32))  # round to nearest
+        assert (np.abs(h - f) <= np.maximum(np.abs(f) * 2.0**-11, 2.0**-25)).all()
+        top = ref.topk(K).values.numpy()
+        assert (np.abs(h - top) <= TOL + np.abs(top) * 2.0**-11).all()
+
+
+def test_scorer_rejects_a_bad_row_and_scores_the_rest(scorer, reference):
+    encoded, _ = reference
+    bad = ([*encoded[0][0][:4], 100_000, *encoded[0][0][4:]], encoded[0][1] + 1)  # id outside the vocabulary
+    clean = scorer(_batch(encoded))
+    out = scorer(_batch([encoded[0], bad, encoded[2]], ids=("a", "bad", "c")))
+    errors = out["error"].to_pylist()
+    assert errors[0] is None and errors[2] is None
+    assert "scoring failed" in errors[1] and "100000" in errors[1]
+    assert out["topk_ids"][1].as_py() == [] and np.isnan(out["ll"][1].as_py())
+    for i in (0, 2):  # the good rows are unaffected by their bad neighbour
+        assert out["topk_ids"][i].as_py() == clean["topk_ids"][i].as_py()
+        np.testing.assert_allclose(out["topk_logprobs"][i].as_py(), clean["topk_logprobs"][i].as_py(), atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab,expected", [(200, "uint8"), (256, "uint8"), (257, "uint16"), (65_536, "uint16"),
+                                            (65_537, "int32"), (152_064, "int32")])
+def test_token_id_type_is_the_narrowest_that_fits(vocab, expected):
+    assert token_id_type(vocab) == expected
+    assert np.iinfo(np.dtype(expected)).max >= vocab - 1
+
+
+def test_topk_columns_by_hand():
+    results = [
+        (np.array([[3, 1], [65_535, 0]], np.int32), np.array([[-0.5, -1.0], [-0.25, -3.0]], np.float32),
+         np.array([-0.5, -0.25], np.float32)),
+        (np.zeros((0, 2), np.int32), np.zeros((0, 2), np.float32), np.zeros(0, np.float32)),
+        (np.array([[7, 8]], np.int32), np.array([[-2.0, -2.5]], np.float32), np.array([-2.5], np.float32)),
+    ]
+    cols = topk_columns(results, "uint16", "float16")
+    assert cols["topk_ids"].type == pa.list_(pa.list_(pa.uint16()))
+    assert cols["topk_ids"].to_pylist() == [[[3, 1], [65_535, 0]], [], [[7, 8]]]
+    assert cols["topk_logprobs"].to_pylist() == [[[-0.5, -1.0], [-0.25, -3.0]], [], [[-2.0, -2.5]]]
+    cols = logprob_columns(results)
+    assert cols["ll_sum"].to_pylist() == [-0.75, 0.0, -2.5]
+    assert cols["ll"][0].as_py() == -0.375 and np.isnan(cols["ll"][1].as_py())
 
 
 def test_evaluator_greedy_answers_and_teacher_scores(model, scorer):
