@@ -7,19 +7,24 @@ theoretical maximum, total concurrency / latency. Then runs the stage again unde
 
     python benchmarks/teacher_throughput.py [--requests 2000] [--latency 0.1] [--actors 2] [--concurrency 32]
 
-"End to end" is the whole `teacher.run` call (actor start-up, writing, compaction, manifest);
-"steady" is first to last request seen by the server. The sequential baseline is timed on
+The server runs in its own process, as a real API would. "End to end" is the whole
+`teacher.run` call (actor start-up, writing, compaction, manifest); "steady" is first to last
+request seen by the server. The sequential baseline is timed on
 `--baseline-requests` requests (its rate does not depend on how many).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -30,13 +35,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from proxykd import teacher  # noqa: E402
 from proxykd.config import TeacherConfig  # noqa: E402
 from proxykd.data import MESSAGES_TYPE  # noqa: E402
-from proxykd.local_teacher import Faults, LocalTeacher  # noqa: E402
 
 
 def prompts(n: int, offset: int = 0) -> pa.Table:
     rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"What is {i} + 1?"}]}
             for i in range(offset, offset + n)]
     return pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("messages", MESSAGES_TYPE)]))
+
+
+class ServerProcess:
+    """The local teacher in its own process (as a real API is), so that its work does not compete
+    with the driver for one GIL; `stats()` reads its counters over HTTP."""
+
+    def __init__(self, table: dict[str, str], latency: float, tmp: str):
+        path = Path(tmp) / "responses.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in table.items()))
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxykd.local_teacher", "--responses", str(path),
+                                      "--port", str(self.port), "--latency-s", str(latency)],
+                                     stdout=subprocess.PIPE, text=True)
+        self.proc.stdout.readline()  # "local teacher serving ..." once it accepts connections
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats") as r:
+            return json.loads(r.read())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def sequential_rps(base_url: str, n: int) -> float:
@@ -48,17 +84,15 @@ def sequential_rps(base_url: str, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def stage(cfg: TeacherConfig, table: pa.Table, server: LocalTeacher) -> tuple[float, float, int]:
-    """(end-to-end requests/s, steady requests/s, requests) of one teacher.run."""
-    before = len(server.arrivals)
+def stage(cfg: TeacherConfig, table: pa.Table, server: ServerProcess) -> tuple[float, float, int]:
+    """(end-to-end requests/s, steady requests/s, requests) of one teacher.run on a fresh server."""
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
         manifest = teacher.run(cfg, table, "bench", run_dir)
         seconds = time.perf_counter() - start
     assert manifest["rows"]["ok"] == table.num_rows, manifest["rows"]
-    arrivals = server.arrivals[before:]
-    steady = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
-    return len(arrivals) / seconds, steady, len(arrivals)
+    stats = server.stats()
+    return stats["requests"] / seconds, (stats["requests"] - 1) / stats["span_s"], stats["requests"]
 
 
 def main() -> None:
@@ -77,14 +111,17 @@ def main() -> None:
     table = {f"What is {i} + 1?": f"The answer is {i + 1}." for i in range(args.requests + args.rpm_requests)}
     ray.init(address="local", num_cpus=max(4, args.actors), include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
-    with LocalTeacher(table, faults=Faults(latency_s=args.latency)) as server:
-        seq = sequential_rps(server.base_url, args.baseline_requests)
-        cfg = TeacherConfig(base_url=server.base_url, max_tokens=32, num_actors=args.actors,
-                            concurrency=args.concurrency, progress_every_s=1e9)
-        os.environ.setdefault(cfg.api_key_env, "unused")
-        end_to_end, steady, n = stage(cfg, prompts(args.requests), server)
-        limited_cfg = cfg.model_copy(update={"requests_per_minute": args.rpm})
-        _, limited, n_limited = stage(limited_cfg, prompts(args.rpm_requests, offset=args.requests), server)
+    with tempfile.TemporaryDirectory() as tmp:
+        with ServerProcess(table, args.latency, tmp) as server:
+            seq = sequential_rps(server.base_url, args.baseline_requests)
+        with ServerProcess(table, args.latency, tmp) as server:
+            cfg = TeacherConfig(base_url=server.base_url, max_tokens=32, num_actors=args.actors,
+                                concurrency=args.concurrency, progress_every_s=1e9)
+            os.environ.setdefault(cfg.api_key_env, "unused")
+            end_to_end, steady, n = stage(cfg, prompts(args.requests), server)
+        with ServerProcess(table, args.latency, tmp) as server:
+            limited_cfg = cfg.model_copy(update={"base_url": server.base_url, "requests_per_minute": args.rpm})
+            _, limited, n_limited = stage(limited_cfg, prompts(args.rpm_requests, offset=args.requests), server)
     ray.shutdown()
 
     total = args.actors * args.concurrency
