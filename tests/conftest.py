@@ -12,6 +12,22 @@ for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy
     os.environ.pop(var, None)
 
 
+def kill_ray_session(session_dir: str) -> None:
+    """SIGKILL the daemons of one Ray session. A driver killed with SIGKILL leaves them running
+    (they live in sessions of their own, and their workers exit when they go); other Ray clusters
+    on this machine are left alone."""
+    import signal
+    import subprocess
+
+    name = os.path.basename(session_dir.rstrip("/"))
+    out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True)
+    for pid in map(int, out.stdout.split()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

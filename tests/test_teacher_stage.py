@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import free_port, tiny_config
+from conftest import free_port, kill_ray_session, tiny_config
 from proxykd import artifacts, teacher
 from proxykd.config import TeacherConfig, parse_config
 from proxykd.data import build_prompts, teacher_style_response
@@ -180,6 +180,7 @@ def test_no_stored_response_is_asked_again_after_kill_9(tmp_path, monkeypatch, l
         from proxykd.data import build_prompts
         cfg = RunConfig.model_validate_json(open({str(tmp_path / "cfg.json")!r}).read())
         ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+        open({str(tmp_path / "session")!r}, "w").write(ray._private.worker._global_node.get_session_dir_path())
         prompts, _ = build_prompts(cfg.data)
         teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
     """))
@@ -196,6 +197,8 @@ def test_no_stored_response_is_asked_again_after_kill_9(tmp_path, monkeypatch, l
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            if (tmp_path / "session").exists():
+                kill_ray_session((tmp_path / "session").read_text())
         time.sleep(0.5)  # let answers to the dead client finish on the server
         assert not (folder / "manifest.json").exists()
         stored = teacher.compact_journals(folder)
