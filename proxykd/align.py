@@ -6,25 +6,35 @@ b. `rounds` times over D_p: the current proxy samples its own answer ŷ (vLLM in
    memory during training), then Ray Train minimises nll_weight·NLL(y) + DPO(y ≻ ŷ) with the
    proxy of the previous round as reference.
 
-Layout: `align/warmup/model`, `align/round-<k>/{model, samples.parquet, pairs.parquet}`. Each
-part is reused on rerun once its model folder exists, so a run killed in round k restarts at k.
+Alignment is measured, not assumed: a held-out slice of D_p (`align.heldout_fraction`, never
+trained on) is scored by the warm-up proxy and after every round: the proxy's mean per-token
+log-likelihood of the teacher's responses and its top-1 agreement with the teacher's tokens (the
+paper's App. A.2 metric). Round k's sampler scores the held-out rows with the round k-1 proxy
+in the same engine pass; the last round's proxy gets one scoring pass of its own. The figures go to
+the manifest (`alignment`) and `align/alignment.png`.
+
+Layout: `align/warmup/model`, `align/round-<k>/{model, samples.parquet, pairs.parquet}`,
+`align/final_heldout.parquet`. Each part is reused on rerun once its model folder exists, so a run
+killed in round k restarts at k.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from proxykd import artifacts, training
 from proxykd.config import RunConfig, fingerprint
 from proxykd.encode import IDS, encode_split
 from proxykd.models import load_tokenizer, model_max_length
-from proxykd.vllm_actors import VLLMEngine, engine_kwargs, map_kwargs
+from proxykd.vllm_actors import Scorer, VLLMEngine, engine_kwargs, map_kwargs
 
 log = logging.getLogger("proxykd")
 
@@ -66,8 +76,72 @@ class RoundSampler(VLLMEngine):
                 "ref_chosen_logp": pa.array([float(r[2].sum()) for r in ref_c], pa.float64()),
                 "ref_rejected_logp": pa.array([float(r[2].sum()) for r in ref_r], pa.float64()),
                 "chosen_ll": pa.array([float(r[2].mean()) for r in ref_c], pa.float64()),
+                "chosen_top1_hits": pa.array(top1_hits(ref_c, chosen, starts), pa.int64()),
             }
         )
+
+
+def top1_hits(scored: list[tuple], input_ids: list[list[int]], starts: list[int]) -> list[int]:
+    """Per row, how many response tokens are the model's top-1 choice (from `score(..., k=1)`)."""
+    return [int(np.sum(r[0][:, 0] == np.asarray(ids[s:]))) for r, ids, s in zip(scored, input_ids, starts)]
+
+
+def is_heldout(row_id: str, fraction: float) -> bool:
+    """A stable draw from the id (salted, so it is independent of the split draw)."""
+    return int.from_bytes(hashlib.sha256(f"align-heldout:{row_id}".encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+def alignment(name: str, token_logp_sum: np.ndarray, top1: np.ndarray, input_ids, starts) -> dict:
+    """Token-level mean log-likelihood of the teacher's responses and top-1 agreement."""
+    tokens = int(sum(len(ids) - s for ids, s in zip(input_ids, starts)))
+    return {"model": name, "rows": len(starts), "tokens": tokens,
+            "teacher_ll": float(np.sum(token_logp_sum)) / max(tokens, 1),
+            "top1": float(np.sum(top1)) / max(tokens, 1)}
+
+
+def _pairs_alignment(name: str, pairs: pa.Table) -> dict:
+    return alignment(name, pairs["ref_chosen_logp"].to_numpy(), pairs["chosen_top1_hits"].to_numpy(),
+                     pairs["chosen_input_ids"].to_pylist(), pairs["chosen_response_start"].to_pylist())
+
+
+def _measure(cfg: RunConfig, model: str, rows: pa.Table, path: Path) -> pa.Table:
+    """Score `rows` (teacher answers) under `model`: ll_sum and top-1 hits per row; kept in `path`."""
+    import ray
+
+    if path.exists():
+        return pq.read_table(path)
+    ds = artifacts.to_dataset(rows.select(["id", "input_ids", "response_start"]), 64).map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "engine": engine_kwargs(model, model_max_length(model), cfg.seed, cfg.resources, cfg.proxy.dtype),
+            "top_k": 1, "kv_cache_gb": cfg.resources.vllm_kv_cache_gb},
+        **map_kwargs(cfg.resources, batch_size=64),
+    )
+    scored = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    top1 = [int(np.sum(np.asarray(t, np.int64)[:, 0] == np.asarray(ids[s:]))) if t else 0 for t, ids, s in zip(
+        scored["topk_ids"].to_pylist(), scored["input_ids"].to_pylist(), scored["response_start"].to_pylist())]
+    out = scored.select(["id", "input_ids", "response_start", "ll_sum"]).append_column(
+        "top1_hits", pa.array(top1, pa.int64()))
+    artifacts.write_table_atomic(out, path)
+    return out
+
+
+def plot_alignment(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [p["model"] for p in points]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    ax1.plot(names, [p["teacher_ll"] for p in points], marker="o")
+    ax1.set_title("teacher log-likelihood / token")
+    ax2.plot(names, [p["top1"] for p in points], marker="o")
+    ax2.set_title("top-1 agreement with the teacher")
+    fig.suptitle("proxy alignment on held-out D_p")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def config_hash(cfg: RunConfig, teacher_hash: str) -> str:
@@ -112,13 +186,18 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
     if cfg.align.rounds and proxy_rows.num_rows == 0:
         raise RuntimeError("align: the proxy split has no teacher responses; add data or set align.rounds=0")
 
+    heldout_mask = pa.array([is_heldout(i, cfg.align.heldout_fraction) for i in proxy_rows["id"].to_pylist()],
+                            pa.bool_())
+    heldout = proxy_rows.filter(heldout_mask)
+    log.info("align: %d of %d proxy rows held out to measure alignment", heldout.num_rows, proxy_rows.num_rows)
+
     current = folder / "warmup" / "model"
     if not current.exists():
         log.info("align: warm-up SFT on %d rows", warm_rows.num_rows)
         training.fit(name="align-warmup", objective="sft", model_path=base,
                      dataset=artifacts.to_dataset(warm_rows.select(["id", "input_ids", "response_start"]), 256),
                      out_dir=folder / "warmup", train=cfg.align.warmup, resources=cfg.resources, loss={})
-    rounds = []
+    points, name = [], "warmup"
     for k in range(1, cfg.align.rounds + 1):
         rdir = folder / f"round-{k}"
         rdir.mkdir(exist_ok=True)
@@ -128,21 +207,36 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
         else:
             log.info("align: round %d, sampling %d proxy answers", k, proxy_rows.num_rows)
             pairs = _sample_round(cfg, str(current), proxy_rows, max_length, rdir)
-        # The proxy's teacher log-likelihood before this round's update: how aligned round k-1 is.
-        rounds.append({"round": k, "teacher_ll_before": float(np.mean(pairs["chosen_ll"].to_numpy()))})
+        in_heldout = pc.is_in(pairs["id"], heldout["id"])
+        if heldout.num_rows:
+            points.append(_pairs_alignment(name, pairs.filter(in_heldout)))
+            log.info("align: %s proxy on held-out D_p: teacher ll %.4f/token, top-1 %.3f",
+                     name, points[-1]["teacher_ll"], points[-1]["top1"])
         if not (rdir / "model").exists():
             training.fit(name=f"align-round-{k}", objective="dpo", model_path=str(current),
-                         dataset=artifacts.to_dataset(pairs.drop_columns(["rejected", "chosen_ll"]), 256),
+                         dataset=artifacts.to_dataset(
+                             pairs.filter(pc.invert(in_heldout)).drop_columns(
+                                 ["rejected", "chosen_ll", "chosen_top1_hits"]), 256),
                          out_dir=rdir, train=cfg.align.dpo, resources=cfg.resources,
                          loss={"beta": cfg.align.beta, "nll_weight": cfg.align.nll_weight})
-        current = rdir / "model"
-        log.info("align: round %d done, proxy teacher-ll before it %.4f", k, rounds[-1]["teacher_ll_before"])
+        current, name = rdir / "model", f"round-{k}"
+    if heldout.num_rows:
+        final = _measure(cfg, str(current), heldout, folder / "final_heldout.parquet")
+        points.append(alignment(name, final["ll_sum"].to_numpy(), final["top1_hits"].to_numpy(),
+                                final["input_ids"].to_pylist(), final["response_start"].to_pylist()))
+        log.info("align: %s proxy on held-out D_p: teacher ll %.4f/token, top-1 %.3f",
+                 name, points[-1]["teacher_ll"], points[-1]["top1"])
+        plot_alignment(points, folder / "alignment.png")
+    else:
+        log.warning("align: no held-out proxy rows (align.heldout_fraction=%s): alignment not measured",
+                    cfg.align.heldout_fraction)
 
     return artifacts.write_manifest(
         folder, "align", h, started,
         inputs={"teacher": teacher_hash, "proxy_init": base},
         model=str(current),
-        rows={"warmup": warm_rows.num_rows, "proxy": proxy_rows.num_rows},
+        rows={"warmup": warm_rows.num_rows, "proxy": proxy_rows.num_rows - heldout.num_rows,
+              "heldout": heldout.num_rows},
         **artifacts.write_rejected(folder, rejected),
-        rounds=rounds,
+        alignment=points,
     )

@@ -156,6 +156,9 @@ class AlignConfig(_Strict):
     max_length: int = Field(1024, gt=0, description="prompt + response tokens; longer rows are rejected")
     beta: float = Field(0.1, gt=0)
     nll_weight: float = Field(1.0, ge=0)
+    heldout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="of D_p, by a hash of id: never trained on, used to measure alignment "
+        "(teacher log-likelihood and top-1 agreement) after the warm-up and every round")
     warmup: TrainConfig = Field(default_factory=TrainConfig)
     dpo: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

@@ -113,7 +113,13 @@ def test_prompts_and_teacher_artifacts(run):
 def test_align_rounds_and_logits_contract(run):
     align = manifest(run, "align")
     samples = pq.read_table(run["run_dir"] / "align" / "round-1" / "samples.parquet")
-    assert samples.column_names == ["id", "rejected"] and samples.num_rows == align["rows"]["proxy"]
+    assert samples.column_names == ["id", "rejected"]
+    assert samples.num_rows == align["rows"]["proxy"] + align["rows"]["heldout"] and align["rows"]["heldout"] > 0
+    # alignment measured on the held-out rows after the warm-up and after each round
+    points = align["alignment"]
+    assert [p["model"] for p in points] == ["warmup", "round-1"]
+    assert all(p["teacher_ll"] < 0 and 0 <= p["top1"] <= 1 and p["tokens"] > 0 for p in points)
+    assert (run["run_dir"] / "align" / "alignment.png").stat().st_size > 0
     assert align["model"].endswith("round-1/model") and Path(align["model"], "config.json").exists()
 
     files = shard_files(run["run_dir"] / "logits")
