@@ -116,7 +116,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
     if not current.exists():
         log.info("align: warm-up SFT on %d rows", warm_rows.num_rows)
         training.fit(name="align-warmup", objective="sft", model_path=base,
-                     dataset=artifacts.to_dataset(warm_rows.select(["id", "input_ids", "response_start"]), 256),
+                     table=warm_rows.select(["id", "input_ids", "response_start"]),
                      out_dir=folder / "warmup", train=cfg.align.warmup, resources=cfg.resources, loss={})
     rounds = []
     for k in range(1, cfg.align.rounds + 1):
@@ -132,7 +132,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
         rounds.append({"round": k, "teacher_ll_before": float(np.mean(pairs["chosen_ll"].to_numpy()))})
         if not (rdir / "model").exists():
             training.fit(name=f"align-round-{k}", objective="dpo", model_path=str(current),
-                         dataset=artifacts.to_dataset(pairs.drop_columns(["rejected", "chosen_ll"]), 256),
+                         table=pairs.drop_columns(["rejected", "chosen_ll"]),
                          out_dir=rdir, train=cfg.align.dpo, resources=cfg.resources,
                          loss={"beta": cfg.align.beta, "nll_weight": cfg.align.nll_weight})
         current = rdir / "model"
