@@ -190,7 +190,18 @@ def _build_model(config: dict, tc: TrainConfig):
         lc = tc.lora
         model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                  target_modules=lc.target_modules, task_type="CAUSAL_LM"))
-    return ray.train.torch.prepare_model(model, parallel_strategy=tc.strategy)
+    if tc.strategy == "ddp":
+        return ray.train.torch.prepare_model(model)
+    # FSDP2: every decoder layer its own shard group, then the root (embeddings, head). Ray's
+    # prepare_model(parallel_strategy="fsdp") would do FSDP1 on GPUs only; this runs on CPU too.
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(ray.train.torch.get_device())
+    layer_types = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in layer_types:
+            fully_shard(module)
+    return fully_shard(model)
 
 
 def _state_options(tc: TrainConfig, **kw):
@@ -293,6 +304,9 @@ def train_loop(config: dict) -> None:
             arrays = collate(objective, table.take(mrows), pad_id)
             t = {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
             last = m == len(micro) - 1
+            # Gradients are reduced across workers only after the last micro-batch.
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+                model.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -303,6 +317,8 @@ def train_loop(config: dict) -> None:
             for k, v in p.items():
                 parts[k] = parts.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

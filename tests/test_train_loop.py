@@ -1,7 +1,8 @@
 """The shared Ray Train loop: data order and sharding (pure), the lr schedule, and real Ray Train
 runs of the KD objective on a tiny Llama: 2 workers (DDP, gloo) with gradient accumulation give the
 1-worker loss curve; a worker SIGKILLed mid-run resumes from the last checkpoint with no batch
-repeated or skipped; LoRA trains only the adapters and saves a plain merged Hugging Face model."""
+repeated or skipped (slow); FSDP matches one worker (slow); LoRA trains only the adapters and saves
+a plain merged Hugging Face model."""
 
 import itertools
 import math
@@ -158,8 +159,11 @@ def test_two_workers_with_accumulation_match_one_worker(tmp_path, one_worker, st
     assert_same_curve(ref, two)
     assert all(r["kl"] > 0 and r["tokens_per_s"] > 0 for r in two)
     assert (tmp_path / "model" / "config.json").exists()
+    png = training.plot_metrics(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # ~75 s on 2 cores: a run, a lost worker, a restart
 def test_worker_killed_mid_run_resumes_without_repeating_or_skipping(tmp_path, monkeypatch, one_worker, student, table):
     """The last of 2 workers SIGKILLs itself before step 6; Ray Train restarts the group from the
     last checkpoint (every 2 steps and at epoch ends: 2, 3, 4) and the run ends like the
@@ -190,3 +194,19 @@ def test_lora_trains_only_adapters_and_saves_a_merged_model(tmp_path, local_ray,
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if ".q_proj." in k or ".v_proj." in k}
     assert not (tmp_path / "model" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow  # ~45 s plus the 1-worker reference run
+def test_fsdp_two_workers_match_one_worker(tmp_path, one_worker, student, table):
+    """strategy: fsdp (FSDP2 fully_shard per decoder layer, gloo on CPU) gives the same curve and
+    the same final weights as one unsharded worker."""
+    _, ref = one_worker
+    got = run_kd(tmp_path, student, table, workers=2, batch_size=4, strategy="fsdp")
+    assert_same_curve(ref, got)
+    from transformers import AutoModelForCausalLM
+
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    one = AutoModelForCausalLM.from_pretrained(one_worker[0] / "model").state_dict()
+    assert set(two) == set(one)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-5)
