@@ -271,14 +271,13 @@ def train_loop(config: dict) -> None:
     if checkpoint:  # a restarted run: continue after the last checkpointed step
         with checkpoint.as_directory() as local:
             state = torch.load(Path(local) / STATE_FILE, weights_only=False, map_location="cpu")
-        opts = _state_options(tc, strict=tc.lora is None)
-        set_model_state_dict(model, state["model"], options=opts)
+        if (state["rows"], state["global_batch"]) != (table.num_rows, G):  # the data position would be wrong
+            raise RuntimeError(f"[{name}] checkpoint was made with {state['rows']} rows and global batch "
+                               f"{state['global_batch']}, now {table.num_rows} and {G}: use a fresh out_dir")
+        set_model_state_dict(model, state["model"], options=_state_options(tc, strict=tc.lora is None))
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_state_options(tc))
         scheduler.load_state_dict(state["scheduler"])
         step, history, attempt = state["step"], state["history"], state["attempt"] + 1
-        if (state["rows"], state["global_batch"]) != (table.num_rows, G):
-            raise RuntimeError(f"[{name}] checkpoint was made with {state['rows']} rows and global batch "
-                               f"{state['global_batch']}, now {table.num_rows} and {G}: use a fresh out_dir")
         if rank == 0:
             print(f"[{name}] resumed from step {step} (epoch {step // per_epoch}, batch {step % per_epoch})", flush=True)
     metrics_path = Path(config["metrics_path"])
@@ -286,14 +285,19 @@ def train_loop(config: dict) -> None:
         metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 
     bf16 = tc.bf16 if tc.bf16 is not None else device.type == "cuda"
-    kill_at, marker = config.get("kill_at_step"), metrics_path.parent / f".killed-at-step-{config.get('kill_at_step')}"
+    kill_at = config.get("kill_at_step")
     model.train()
+    order_epoch, order = -1, None
     while step < total:
         epoch, i = divmod(step, per_epoch)
-        rows = step_rows(epoch_order(table.num_rows, tc.seed, epoch, tc.shuffle), i, G)
-        if kill_at == step + 1 and rank == world - 1 and not marker.exists():
-            marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, epoch_order(table.num_rows, tc.seed, epoch, tc.shuffle)
+        rows = step_rows(order, i, G)
+        if kill_at == step + 1 and rank == world - 1:
+            marker = metrics_path.parent / f".killed-at-step-{kill_at}"
+            if not marker.exists():  # first attempt only
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.time()
         # DDP averages gradients over workers: scale so the sum over everything is one global mean.
         num_tokens = max(int(ntok[rows].sum()), 1) / world

@@ -87,6 +87,22 @@ def test_worker_slices_add_up_to_the_global_mean():
         torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_train_and_distill_config_keys():
+    from pydantic import ValidationError
+
+    from proxykd.config import DistillConfig
+
+    with pytest.raises(ValidationError, match="lora with strategy fsdp"):
+        TrainConfig(strategy="fsdp", lora={"r": 4})
+    with pytest.raises(ValidationError):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValidationError):
+        DistillConfig(tail="drop")
+    d = DistillConfig()
+    assert (d.divergence, d.tail, d.train.lr_schedule, d.train.strategy, d.train.lora) == (
+        "forward", "tail_bucket", "constant", "ddp", None)
+
+
 # ---------------------------------------------------------------- Ray Train runs
 
 
