@@ -226,3 +226,29 @@ def test_fsdp_two_workers_match_one_worker(tmp_path, one_worker, student, table)
     assert set(two) == set(one)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow  # two short trainings: 1-3 minutes on 2 cores
+def test_distill_stage_trains_both_students_with_metrics_and_plot(tmp_path, local_ray, student, table):
+    """The stage end to end from a logits shard: the Proxy-KD student and the α = 0 baseline, each
+    with one metrics line per step (NLL and KL apart), a loss plot, and loadable models."""
+    import pyarrow.parquet as pq
+    from conftest import tiny_config
+
+    from proxykd import distill
+    from proxykd.config import parse_config
+
+    cfg = parse_config(tiny_config(tmp_path / "run", distill={"alpha": 2.0, "divergence": "jsd", "tail": "renormalize",
+                                                             "train": {"epochs": 1, "batch_size": 8}}))
+    (tmp_path / "run" / "logits").mkdir(parents=True)
+    pq.write_table(table.append_column("ll", pa.array([-1.0] * table.num_rows)), tmp_path / "run" / "logits" / "part-0.parquet")
+    manifest = distill.run(cfg, student, student, "logits-hash")
+    for name, folder in (("proxykd", tmp_path / "run" / "distill"), ("baseline", tmp_path / "run" / "distill" / "baseline")):
+        assert manifest["models"][name] == str(folder / "model")
+        rows = training.read_metrics(folder)
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        assert all({"loss", "nll", "lr", "tokens_per_s"} <= set(r) for r in rows)
+        assert all(("kl" in r) == (name == "proxykd") for r in rows)
+        assert (folder / "loss.png").stat().st_size > 0
+    kd = training.read_metrics(tmp_path / "run" / "distill")
+    np.testing.assert_allclose([r["loss"] for r in kd], [r["nll"] + 2.0 * r["kl"] for r in kd], rtol=1e-5)
