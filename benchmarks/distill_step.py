@@ -5,8 +5,9 @@ time ≤ 1.15 and at most 10 % more peak memory, at k = 10 and k = 20.
     python benchmarks/distill_step.py                 # CPU: a 20.6M-parameter Llama, vocab 32k
     python benchmarks/distill_step.py --hidden 2048 --layers 16 --batch 8 --seq 1024   # e.g. on a GPU
 
-Time: the two steps interleaved in one process (median of 3 rounds of --iters steps), so drift
-on a shared machine hits both alike. Peak memory:
+Time: the two steps interleaved in one process, --rounds rounds of --iters steps each; the
+fastest round of each counts (as timeit does): on a shared machine other jobs only ever add time,
+so the minimum is the figure least disturbed by them. Peak memory:
   * GPU: torch.cuda.max_memory_allocated over the timed steps (bf16 autocast, as in training);
   * CPU: torch has no allocator statistics on CPU, so each (objective, k) runs in a fresh
     subprocess and reports its peak resident set (ru_maxrss) and the resident set just before its
@@ -122,7 +123,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--topk", type=int, nargs="+", default=[10, 20])
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak dense bf16 TFLOP/s, for MFU")
     ap.add_argument("--child", choices=["sft", "kd"], help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -139,12 +141,12 @@ def main() -> None:
     for k in args.topk:
         t = tensors_for(args, k, device)
         times, peaks = {"sft": [], "kd": []}, {"sft": 0, "kd": 0}
-        for _ in range(3):
+        for _ in range(args.rounds):
             for objective in ("sft", "kd"):
                 s, p = timed(model, optimizer, objective, t, args.iters, device)
                 times[objective].append(s)
                 peaks[objective] = max(peaks[objective], p)
-        s, d = float(np.median(times["sft"])), float(np.median(times["kd"]))
+        s, d = min(times["sft"]), min(times["kd"])
         print(f"k = {k}: SFT {s * 1e3:.1f} ms/step, KD {d * 1e3:.1f} ms/step, KD/SFT time {d / s:.3f}")
         if device.type == "cuda":
             gb = {o: v / 2**30 for o, v in peaks.items()}
