@@ -195,7 +195,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
     if not current.exists():
         log.info("align: warm-up SFT on %d rows", warm_rows.num_rows)
         training.fit(name="align-warmup", objective="sft", model_path=base,
-                     dataset=artifacts.to_dataset(warm_rows.select(["id", "input_ids", "response_start"]), 256),
+                     table=warm_rows.select(["id", "input_ids", "response_start"]),
                      out_dir=folder / "warmup", train=cfg.align.warmup, resources=cfg.resources, loss={})
     points, name = [], "warmup"
     for k in range(1, cfg.align.rounds + 1):
@@ -214,9 +214,8 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
                      name, points[-1]["teacher_ll"], points[-1]["top1"])
         if not (rdir / "model").exists():
             training.fit(name=f"align-round-{k}", objective="dpo", model_path=str(current),
-                         dataset=artifacts.to_dataset(
-                             pairs.filter(pc.invert(in_heldout)).drop_columns(
-                                 ["rejected", "chosen_ll", "chosen_top1_hits"]), 256),
+                         table=pairs.filter(pc.invert(in_heldout)).drop_columns(
+                             ["rejected", "chosen_ll", "chosen_top1_hits"]),
                          out_dir=rdir, train=cfg.align.dpo, resources=cfg.resources,
                          loss={"beta": cfg.align.beta, "nll_weight": cfg.align.nll_weight})
         current, name = rdir / "model", f"round-{k}"

@@ -133,13 +133,37 @@ class TeacherConfig(_Strict):
     progress_every_s: float = Field(10.0, gt=0)
 
 
+class LoraConfig(_Strict):
+    """Train LoRA adapters (peft) instead of all weights; the saved model has them merged in."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(1, gt=0)
     lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(8, gt=0, description="per worker")
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up to lr over the first optimizer steps")
+    batch_size: int = Field(8, gt=0, description="rows per worker per micro-batch")
+    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    shuffle: bool = Field(True, description="a fresh permutation of the rows every epoch, from seed + epoch")
     seed: int = 0
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    bf16: Optional[bool] = Field(None, description="bf16 autocast; null: on GPU only")
+    lora: Optional[LoraConfig] = None
+    checkpoint_every_steps: int = Field(100, gt=0, description="also at the end of every epoch")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+
+    @model_validator(mode="after")
+    def _lora_not_fsdp(self):
+        if self.lora is not None and self.strategy == "fsdp":
+            raise ValueError("lora with strategy fsdp is not supported; LoRA trains few weights, use ddp")
+        return self
 
 
 class SamplingConfig(_Strict):
@@ -183,6 +207,11 @@ class DistillConfig(_Strict):
 
     alpha: float = Field(100.0, ge=0)
     sample_weighting: bool = True
+    divergence: Literal["forward", "reverse", "jsd"] = Field("forward", description="forward = the paper's KL(proxy‖student)")
+    tail: Literal["tail_bucket", "renormalize"] = Field(
+        "tail_bucket", description="mass outside the top-k: one extra bucket, or renormalise both over the top-k"
+    )
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
     baseline: bool = Field(True, description="also train the alpha=0 (black-box KD) student for comparison")
     train: TrainConfig = Field(default_factory=TrainConfig)
 

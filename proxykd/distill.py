@@ -1,5 +1,6 @@
 """Stage 4, distill: train the student on D_s with L = NLL + α · w · KL(π_proxy ‖ p_student) over
-the proxy's top-k support (Ray Train, the shared loop in `training.py`). With `distill.baseline`
+the proxy's top-k support (Ray Train, the shared loop in `training.py`; `distill.divergence` and
+`distill.tail` pick the divergence and what happens to the mass outside the top-k). With `distill.baseline`
 the same student is also trained with α = 0 (black-box KD: plain SFT on the teacher's text), the
 comparison every report shows.
 
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from proxykd import artifacts, training
 from proxykd.config import RunConfig, fingerprint
@@ -24,8 +28,6 @@ def config_hash(cfg: RunConfig, logits_hash: str) -> str:
 
 
 def run(cfg: RunConfig, proxy_path: str, student: str, logits_hash: str) -> dict:
-    import ray
-
     folder = artifacts.stage_dir(cfg.run_dir, "distill")
     h = config_hash(cfg, logits_hash)
     if done := artifacts.finished_or_begin(folder, h):
@@ -33,8 +35,9 @@ def run(cfg: RunConfig, proxy_path: str, student: str, logits_hash: str) -> dict
     started = time.time()
     check_same_vocab(proxy_path, student)  # the aligned proxy's tokenizer, as saved by align
 
-    shards = [str(f) for f in artifacts.shard_files(artifacts.stage_dir(cfg.run_dir, "logits"))]
+    shards = artifacts.shard_files(artifacts.stage_dir(cfg.run_dir, "logits"))
     columns = ["id", "input_ids", "response_start", "topk_ids", "topk_logprobs", "weight"]
+    rows = pa.concat_tables([pq.read_table(f, columns=columns) for f in shards])
     d = cfg.distill
     runs = {"proxykd": (folder, "kd" if d.alpha > 0 else "sft")}
     if d.baseline and d.alpha > 0:  # with alpha = 0 the student *is* the baseline
@@ -45,9 +48,9 @@ def run(cfg: RunConfig, proxy_path: str, student: str, logits_hash: str) -> dict
             log.info("distill: training the %s student (%s)", name, objective)
             training.fit(
                 name=f"distill-{name}", objective=objective, model_path=student,
-                dataset=ray.data.read_parquet(shards, columns=columns),
-                out_dir=out_dir, train=d.train, resources=cfg.resources,
-                loss={"alpha": d.alpha, "sample_weighting": d.sample_weighting},
+                table=rows, out_dir=out_dir, train=d.train, resources=cfg.resources,
+                loss={"alpha": d.alpha, "sample_weighting": d.sample_weighting, "divergence": d.divergence,
+                      "tail": d.tail, "jsd_beta": d.jsd_beta},
             )
             training.plot_metrics(out_dir)
         models[name] = str(out_dir / "model")

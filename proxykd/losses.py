@@ -13,6 +13,8 @@ so that no [B, T, V] log-softmax copy is materialised.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,13 +23,14 @@ IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX",
-    "token_logprobs",
+    "dpo_loss",
+    "nll_and_topk_kl",
     "nll_loss",
     "sequence_logprobs",
-    "dpo_loss",
-    "topk_forward_kl",
-    "nll_and_topk_kl",
     "sigmoid_weights",
+    "token_logprobs",
+    "topk_divergence",
+    "topk_kl",
 ]
 
 
@@ -49,15 +52,11 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return logps, mask
 
 
-def nll_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean negative log-likelihood over unmasked response tokens.
-
-    loss = -Σ_{b,t: mask} logps[b, t] / Σ mask   (0, with grad graph, if Σ mask = 0)
-    """
+def nll_loss(logits: Tensor, labels: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
+    """Negative log-likelihood summed over unmasked response tokens, divided by ``num_tokens``
+    (default: their number; 0, with a grad graph, when there are none)."""
     logps, mask = token_logprobs(logits, labels)
-    n = mask.sum()
-    if n.item() == 0:
-        return logits.float().sum() * 0.0
+    n = mask.sum().clamp_min(1) if num_tokens is None else num_tokens
     return -logps.sum() / n
 
 
@@ -73,50 +72,80 @@ def dpo_loss(
     ref_chosen: Tensor,
     ref_rejected: Tensor,
     beta: float,
+    num_sequences: Tensor | float | None = None,
 ) -> Tensor:
-    """DPO loss, averaged over the batch (inputs: [B] sequence log-probs).
+    """DPO loss over the batch (inputs: [B] sequence log-probs), summed and divided by
+    ``num_sequences`` (default B, i.e. the batch mean).
 
-    loss = mean_b -logsigmoid(beta * ((π_c - ref_c) - (π_r - ref_r)))
+    loss = Σ_b -logsigmoid(beta * ((π_c - ref_c) - (π_r - ref_r))) / num_sequences
     """
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin).mean()
+    n = policy_chosen.shape[0] if num_sequences is None else num_sequences
+    return -F.logsigmoid(beta * margin).sum() / n
 
 
-def topk_forward_kl(
-    logits: Tensor,
-    labels: Tensor,
-    topk_ids: Tensor,
-    topk_logprobs: Tensor,
-    weights: Tensor | None = None,
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − e^x) for x ≤ 0, clamped just below 0 so a (numerically) full top-k leaves a tiny,
+    finite tail instead of log 0."""
+    return torch.log(-torch.expm1(x.clamp(max=-1e-6)))
+
+
+def topk_divergence(
+    log_q: Tensor,
+    log_p: Tensor,
+    valid: Tensor,
+    divergence: str = "forward",
+    tail: str = "tail_bucket",
+    jsd_beta: float = 0.5,
 ) -> Tensor:
-    """Forward KL from the proxy's top-k distribution to the student.
+    """Divergence between the proxy and the student on the proxy's top-k support, per position.
 
-    ``topk_ids`` / ``topk_logprobs`` [B, T, k] are aligned with ``labels``:
-    entry t describes the token AT position t, so the student's distribution
-    for it comes from ``logits[:, t-1]``. Only positions with
-    ``labels[:, t] != -100`` count (t >= 1).
+    ``log_q`` [..., k]: the student's full-vocabulary log-probs at the top-k ids (not renormalised);
+    ``log_p`` [..., k]: the proxy's top-k log-probs as stored (also full-vocabulary log-probs);
+    ``valid`` [..., k]: entries that count (padded top-k entries and masked positions are False).
 
-    p_j   = softmax(topk_logprobs[b, t])_j          (renormalised over top-k)
-    q_j   = log softmax(logits[b, t-1])[topk_ids[b, t, j]]   (NOT renormalised)
-    KL_bt = Σ_j p_j (log p_j - log q_j)
-    loss  = Σ_{b,t: mask} w_b KL_bt / Σ mask        (0, with grad graph, if Σ mask = 0)
+    ``tail`` says what happens to the mass outside the top-k ids:
+      * ``renormalize``: both distributions are renormalised over the (valid) top-k ids;
+      * ``tail_bucket``: one extra outcome holds the rest, 1 − Σ p_topk for the proxy and
+        1 − Σ q_topk for the student, so the student is also pushed to leave the same mass
+        outside the proxy's top-k as the proxy does.
+    ``divergence``: ``forward`` KL(p‖q) (the paper's), ``reverse`` KL(q‖p), or ``jsd``:
+    β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q.
 
-    ``weights`` [B] default to ones.
+    Returns [...] (0 where no entry is valid). Nothing here is vocabulary-sized.
     """
-    return nll_and_topk_kl(logits, labels, topk_ids, topk_logprobs, weights)[1]
-
-
-def _weighted_kl_sum(log_q: Tensor, proxy_logprobs: Tensor, mask: Tensor, weights: Tensor | None) -> Tensor:
-    """Σ_{b,t: mask} w_b Σ_j p_j (log p_j − log_q_j), p = softmax(proxy_logprobs) over k."""
-    mask_k = mask.unsqueeze(-1)
-    lp = torch.where(mask_k, proxy_logprobs.float(), torch.zeros_like(log_q))
-    p = torch.log_softmax(lp, dim=-1).exp()  # [B, T-1, k]
-    # xlogy handles p_j = 0 (proxy log-prob -inf) as 0 * log 0 = 0.
-    kl = (torch.special.xlogy(p, p) - p * log_q).sum(-1)  # [B, T-1]
-    kl = torch.where(mask, kl, torch.zeros_like(kl))
-    if weights is not None:
-        kl = kl * weights.to(kl.dtype).unsqueeze(-1)
-    return kl.sum()
+    any_valid = valid.any(-1, keepdim=True)
+    valid = valid & any_valid
+    # Invalid entries get -inf (zero mass); positions with nothing valid get a harmless uniform
+    # placeholder so no NaN appears anywhere in the graph, then contribute 0.
+    neg_inf = torch.tensor(float("-inf"), dtype=log_q.dtype, device=log_q.device)
+    lp = torch.where(valid, log_p.to(log_q.dtype), neg_inf)
+    lq = torch.where(valid, log_q, neg_inf)
+    lp = torch.where(any_valid, lp, torch.zeros_like(lp))
+    lq = torch.where(any_valid, lq, torch.zeros_like(lq))
+    if tail == "tail_bucket":
+        lp = torch.cat([lp, _log1mexp(lp.logsumexp(-1, keepdim=True))], -1)
+        lq = torch.cat([lq, _log1mexp(lq.logsumexp(-1, keepdim=True))], -1)
+        valid = torch.cat([valid, any_valid], -1)
+    elif tail != "renormalize":
+        raise ValueError(f"unknown tail {tail!r}: renormalize or tail_bucket")
+    # The tail bucket is renormalised too: stored float16 proxy log-probs can sum a hair over 1.
+    lp, lq = torch.log_softmax(lp, -1), torch.log_softmax(lq, -1)
+    zero = torch.zeros_like(lp)
+    lp, lq = torch.where(valid, lp, zero), torch.where(valid, lq, zero)  # finite everywhere
+    p = torch.where(valid, lp.exp(), zero)
+    q = torch.where(valid, lq.exp(), zero)
+    if divergence == "forward":
+        d = p * (lp - lq)
+    elif divergence == "reverse":
+        d = q * (lq - lp)
+    elif divergence == "jsd":
+        b = jsd_beta
+        lm = torch.logaddexp(lp + math.log(b), lq + math.log1p(-b))
+        d = b * p * (lp - lm) + (1 - b) * q * (lq - lm)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}: forward, reverse or jsd")
+    return torch.where(valid, d, zero).sum(-1) * any_valid.squeeze(-1)
 
 
 def nll_and_topk_kl(
@@ -125,23 +154,46 @@ def nll_and_topk_kl(
     topk_ids: Tensor,
     topk_logprobs: Tensor,
     weights: Tensor | None = None,
+    *,
+    divergence: str = "forward",
+    tail: str = "tail_bucket",
+    jsd_beta: float = 0.5,
+    num_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(nll_loss(...), topk_forward_kl(...))`` of one batch with a single log-sum-exp over the
-    vocabulary and a single gather (label id and top-k ids together): the vocabulary-wide work, the
-    expensive part, is then the same as for plain SFT."""
+    """``(NLL, weighted top-k divergence)`` of one batch, each a sum over response tokens divided
+    by ``num_tokens`` (default: this batch's response tokens; the training loop passes the count
+    of the whole global batch so that micro-batches and workers add up exactly).
+
+    ``topk_ids`` / ``topk_logprobs`` [B, T, k] are aligned with ``labels``: entry t describes the
+    token AT position t, so the student's distribution for it comes from ``logits[:, t-1]``. Only
+    positions with ``labels[:, t] != -100`` count; top-k entries with log-prob -inf or NaN are
+    padding. ``weights`` [B] scale each sample's divergence (None: all 1).
+
+    One log-sum-exp over the vocabulary and one gather (label id and top-k ids together): the
+    vocabulary-wide work, the expensive part, is the same as for plain SFT, and the student's
+    log-softmax is only ever gathered at k + 1 ids per position.
+    """
     shift_logits = logits[:, :-1].float()
     mask = labels[:, 1:] != IGNORE_INDEX
-    n = mask.sum()
-    if n.item() == 0:
-        zero = logits.float().sum() * 0.0
-        return zero, zero
+    n = mask.sum().clamp_min(1) if num_tokens is None else num_tokens
     mask_k = mask.unsqueeze(-1)
     target = torch.where(mask, labels[:, 1:], torch.zeros_like(labels[:, 1:])).unsqueeze(-1)
     ids = torch.where(mask_k, topk_ids[:, 1:], torch.zeros_like(topk_ids[:, 1:]))
     picked = shift_logits.gather(-1, torch.cat([target, ids.to(target.dtype)], -1))
     logps = picked - shift_logits.logsumexp(-1, keepdim=True)  # [B, T-1, 1 + k]
     nll = -torch.where(mask, logps[..., 0], torch.zeros_like(logps[..., 0])).sum() / n
-    return nll, _weighted_kl_sum(logps[..., 1:], topk_logprobs[:, 1:], mask, weights) / n
+    proxy = topk_logprobs[:, 1:].float()
+    valid = mask_k & torch.isfinite(proxy)
+    div = topk_divergence(logps[..., 1:], proxy, valid, divergence, tail, jsd_beta)  # [B, T-1]
+    if weights is not None:
+        div = div * weights.to(div.dtype).unsqueeze(-1)
+    return nll, div.sum() / n
+
+
+def topk_kl(logits: Tensor, labels: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+            weights: Tensor | None = None, **options) -> Tensor:
+    """The divergence part of :func:`nll_and_topk_kl` alone (same options)."""
+    return nll_and_topk_kl(logits, labels, topk_ids, topk_logprobs, weights, **options)[1]
 
 
 def sigmoid_weights(ll: Tensor, mean, std) -> Tensor:

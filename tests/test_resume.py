@@ -70,7 +70,7 @@ def test_align_killed_mid_warmup_resumes_from_checkpoint(tmp_path):
     again = _proxykd("align", str(config))
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-5000:]
-    assert "[align-warmup] resumed from epoch" in out
+    assert "[align-warmup] resumed from step" in out
     manifest = json.loads((tmp_path / "run" / "align" / "manifest.json").read_text())
     assert manifest["model"].endswith("round-1/model")
     metrics = [json.loads(l) for l in (tmp_path / "run" / "align" / "warmup" / "metrics.jsonl").read_text().splitlines()]
