@@ -6,7 +6,6 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from proxykd import artifacts
 from proxykd.artifacts import (
     begin_stage,
     done_ids,
