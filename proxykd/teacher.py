@@ -451,7 +451,11 @@ def responses(folder: Path, keys: Optional[list[str]] = None) -> pa.Table:
     these requests (a stored response to a request no longer made is kept on disk, since it was
     paid for, but not used). A stored row's `id` is the first prompt that asked it; prompts with
     identical messages share one request (see `answers`)."""
-    table = _stored(folder)
+    return _ok(_stored(folder), keys)
+
+
+def _ok(table: pa.Table, keys: Optional[list[str]] = None) -> pa.Table:
+    """`responses` of an already-read stored table."""
     ok = pc.is_null(table["error"])
     if keys is not None:
         ok = pc.and_(ok, pc.is_in(table["request_key"], pa.array(keys, pa.string())))
@@ -465,7 +469,12 @@ def answers(cfg: TeacherConfig, prompts: pa.Table, folder: Path) -> pa.Table:
     """The teacher's answers as later stages read them: one row per prompt `id` and sample index
     that has a response, looked up by request_key (so two prompts with the same messages both get
     the one response bought for them)."""
-    stored = {r["request_key"]: r for r in responses(folder).select(ANSWER_COLUMNS).to_pylist()}
+    return _answers(cfg, prompts, responses(folder))
+
+
+def _answers(cfg: TeacherConfig, prompts: pa.Table, ok: pa.Table) -> pa.Table:
+    """`answers` from the successful responses `ok` (as `responses` returns them)."""
+    stored = {r["request_key"]: r for r in ok.select(ANSWER_COLUMNS).to_pylist()}
     params, out = sampling_params(cfg), []
     for row in prompts.select(["id", "messages"]).to_pylist():
         for k in range(cfg.n):
@@ -557,7 +566,8 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     artifacts.begin_stage(folder, h, keep_stale=True)
     compact_journals(folder)  # what a killed run bought
 
-    answered = set(responses(folder)["request_key"].to_pylist())
+    stored = _stored(folder)
+    answered = set(_ok(stored)["request_key"].to_pylist())
     todo, rejected, n_samples = _todo(cfg, prompts, answered)
     for r in rejected[:20]:
         log.warning("teacher: %s rejected before any call: %s", r["id"], r["error"])
@@ -566,7 +576,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
 
     governor = None
     if needs_governor(cfg):
-        governor = ray.remote(num_cpus=0)(Governor).remote(cfg.model_dump(), *_spent(cfg, _stored(folder)))
+        governor = ray.remote(num_cpus=0)(Governor).remote(cfg.model_dump(), *_spent(cfg, stored))
     totals = {"ok": 0, "failed": 0, "budget": 0, **dict.fromkeys(COUNTERS, 0)}
     stopped = None
     server = _local_teacher(prompts) if cfg.base_url is None else nullcontext()
@@ -611,8 +621,8 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         log.warning("teacher: stopped early, %s; %d prompts not asked (they are asked on the next run)",
                     stopped, totals["budget"])
 
-    got = answers(cfg, prompts, folder)
-    stored = _stored(folder)
+    stored = _stored(folder)  # (again: this run's journals were just folded in)
+    got = _answers(cfg, prompts, _ok(stored))
     samples: dict[str, int] = {}
     for rid in got["id"].to_pylist():
         samples[rid] = samples.get(rid, 0) + 1
@@ -628,7 +638,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         (failed if error else not_asked).append({"id": row["id"], "error": error or "not asked: budget reached"})
     for r in (failed + not_asked)[:20]:
         log.warning("teacher: %s has no response (asked again on the next run): %s", r["id"], r["error"])
-    ok = responses(folder, sorted(set(got["request_key"].to_pylist())))
+    ok = _ok(stored, sorted(set(got["request_key"].to_pylist())))
     total_cost, total_tokens = _spent(cfg, stored)
     return artifacts.write_manifest(
         folder,
