@@ -1,6 +1,6 @@
 """The shared Ray Train loop: data order and sharding (pure), the lr schedule, and real Ray Train
-runs of the KD objective on a tiny Llama: 2 workers (DDP, gloo) with gradient accumulation give the
-1-worker loss curve; a worker SIGKILLed mid-run resumes from the last checkpoint with no batch
+runs of the KD and DPO objectives on a tiny Llama: 2 workers (DDP, gloo) with gradient accumulation
+give the 1-worker loss curve; a worker SIGKILLed mid-run resumes from the last checkpoint with no batch
 repeated or skipped (slow); FSDP matches one worker (slow); LoRA trains only the adapters and saves
 a plain merged Hugging Face model."""
 
@@ -158,10 +158,10 @@ def one_worker(tmp_path_factory, local_ray, student, table):
     return out, run_kd(out, student, table, workers=1, batch_size=8)
 
 
-def assert_same_curve(a, b):
+def assert_same_curve(a, b, keys=("loss", "nll", "kl", "lr")):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert [r["batch"] for r in a] == [r["batch"] for r in b]
-    for key in ("loss", "nll", "kl", "lr"):
+    for key in keys:
         x, y = [r[key] for r in a], [r[key] for r in b]
         np.testing.assert_allclose(x, y, rtol=1e-4, err_msg=f"{key}: {x} vs {y}")
 
@@ -177,6 +177,47 @@ def test_two_workers_with_accumulation_match_one_worker(tmp_path, one_worker, st
     assert (tmp_path / "model" / "config.json").exists()
     png = training.plot_metrics(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def dpo_table(rng, n, vocab):
+    """Pairs as align's round sampler writes them: a shared prompt, two responses of different
+    lengths, and reference sequence log-probs (any values: they only shift the margin)."""
+    rows = []
+    for i in range(n):
+        start = int(rng.integers(2, 6))
+        prompt = rng.integers(6, vocab, start).tolist()
+        rows.append({
+            "id": f"pair-{i:03d}",
+            "chosen_input_ids": prompt + rng.integers(6, vocab, int(rng.integers(4, 14))).tolist(),
+            "chosen_response_start": start,
+            "rejected_input_ids": prompt + rng.integers(6, vocab, int(rng.integers(4, 14))).tolist(),
+            "rejected_response_start": start,
+            "ref_chosen_logp": float(rng.uniform(-60, -20)),
+            "ref_rejected_logp": float(rng.uniform(-60, -20)),
+        })
+    return pa.Table.from_pylist(rows)
+
+
+def test_dpo_two_workers_with_accumulation_match_one_worker(tmp_path, local_ray, student):
+    """The align rounds' objective, nll_weight · NLL(chosen) + β-DPO: the sequence-level DPO term
+    is divided by the global batch's pair count and the NLL by its chosen-token count, so 2 workers
+    × 2 micro-batches of 2 pairs give the curve of 1 worker with 8 pairs."""
+    table = dpo_table(np.random.default_rng(2), 16, vocab=200)
+    loss = {"beta": 0.5, "nll_weight": 0.7}
+
+    def run(out, workers, **train):
+        tc = TrainConfig(**{"epochs": 2, "lr": 3e-3, **train})
+        training.fit(name="dpo", objective="dpo", model_path=student, table=table, out_dir=out, train=tc,
+                     resources=ResourcesConfig(train_workers=workers), loss=loss)
+        return training.read_metrics(out)
+
+    one = run(tmp_path / "one", 1, batch_size=8)
+    two = run(tmp_path / "two", 2, batch_size=2, grad_accum_steps=2)
+    assert [r["step"] for r in one] == [1, 2, 3, 4]
+    assert_same_curve(one, two, keys=("loss", "nll", "dpo", "margin", "lr"))
+    np.testing.assert_allclose([r["loss"] for r in one], [0.7 * r["nll"] + r["dpo"] for r in one], rtol=1e-5)
+    # every epoch sees all 16 pairs: in the second one the policy prefers the chosen responses more
+    assert one[2]["margin"] + one[3]["margin"] > one[0]["margin"] + one[1]["margin"]
 
 
 @pytest.mark.slow  # ~75 s on 2 cores: a run, a lost worker, a restart
