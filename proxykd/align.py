@@ -1,10 +1,20 @@
 """Stage 2, align: make the white-box proxy imitate the black-box teacher.
 
 a. warm-up SFT on the teacher's responses of split D_w;
-b. `rounds` times over D_p: the current proxy samples its own answer ŷ (vLLM in Ray Data), the
-   same engine scores log p_ref(y_teacher) and log p_ref(ŷ) once (so no reference model sits in
-   memory during training), then Ray Train minimises nll_weight·NLL(y) + DPO(y ≻ ŷ) with the
-   proxy of the previous round as reference.
+b. `rounds` times over D_p: the current proxy samples its own answer ŷ (vLLM in Ray Data, one
+   seed per row), the same engine scores log p_ref(y_teacher) and log p_ref(ŷ) once, then Ray
+   Train minimises nll_weight·NLL(y) + DPO(y ≻ ŷ) with the proxy of the previous round as
+   reference. `align.warmup.lora` / `align.dpo.lora` train LoRA adapters instead of all weights;
+   each checkpoint is saved merged, so the next round's vLLM engine loads a plain model.
+
+The reference costs no training memory: it is two float64 columns of pairs.parquet (16 bytes a
+pair), scored by the sampling engine (one extra teacher-forced pass over chosen and rejected).
+Keeping a second, frozen model resident beside the policy instead would cost its weights again
+on every training worker (2 bytes a parameter in bf16: 140 GB for the paper's 70B proxy) plus
+a forward pass each step; with LoRA the policy with its adapters switched off would serve without
+extra weights, still at one more forward each step. The price of precomputing: the reference
+comes from the engine, not the training forward, so in different precisions (bf16 vLLM, bf16
+autocast) the first step's margin is not exactly 0 (README, "bf16 on a GPU").
 
 Alignment is measured, not assumed: a held-out slice of D_p (`align.heldout_fraction`, never
 trained on) is scored by the warm-up proxy and after every round: the proxy's mean per-token
@@ -34,7 +44,7 @@ from proxykd import artifacts, training
 from proxykd.config import RunConfig, fingerprint
 from proxykd.encode import IDS, encode_split
 from proxykd.models import load_tokenizer, model_max_length
-from proxykd.vllm_actors import Scorer, VLLMEngine, engine_kwargs, map_kwargs
+from proxykd.vllm_actors import Scorer, VLLMEngine, engine_kwargs, map_kwargs, top1_hits
 
 log = logging.getLogger("proxykd")
 
@@ -43,17 +53,24 @@ class RoundSampler(VLLMEngine):
     """Sample ŷ for each prompt, then score chosen (teacher) and rejected (ŷ) sequences under the
     same engine: these are the DPO reference log-probs of this round."""
 
-    def __init__(self, engine: dict, sampling: dict, max_length: int, kv_cache_gb: int = 1):
+    def __init__(self, engine: dict, sampling: dict, max_length: int, seed: str, kv_cache_gb: int = 1):
         super().__init__(engine, kv_cache_gb, sampling)
         from transformers import AutoTokenizer
 
         self.eos = AutoTokenizer.from_pretrained(engine["tokenizer"]).eos_token_id
         self.max_length = max_length
+        self.seed = seed
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         chosen = batch["input_ids"].to_pylist()
         starts = batch["response_start"].to_pylist()
-        outs = self.generate([ids[:s] for ids, s in zip(chosen, starts)], self.params)
+        # One seed per row, from the run seed, the round and the id: reproducible, and the samples
+        # of different prompts are independent (one shared seed draws the same random numbers for
+        # every prompt).
+        params = [self.params.clone() for _ in chosen]
+        for p, rid in zip(params, batch["id"].to_pylist()):
+            p.seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{rid}".encode()).digest()[:4], "big") >> 1
+        outs = self.generate([ids[:s] for ids, s in zip(chosen, starts)], params)
         samples = [o.outputs[0].text for o in outs]
         # Train on the tokens the proxy produced (re-tokenising the text could differ), with eos
         # where it stopped by itself, as the teacher's answers have.
@@ -76,14 +93,10 @@ class RoundSampler(VLLMEngine):
                 "ref_chosen_logp": pa.array([float(r[2].sum()) for r in ref_c], pa.float64()),
                 "ref_rejected_logp": pa.array([float(r[2].sum()) for r in ref_r], pa.float64()),
                 "chosen_ll": pa.array([float(r[2].mean()) for r in ref_c], pa.float64()),
-                "chosen_top1_hits": pa.array(top1_hits(ref_c, chosen, starts), pa.int64()),
+                "chosen_top1_hits": pa.array([top1_hits(r[0], ids, s) for r, ids, s in zip(ref_c, chosen, starts)],
+                                             pa.int64()),
             }
         )
-
-
-def top1_hits(scored: list[tuple], input_ids: list[list[int]], starts: list[int]) -> list[int]:
-    """Per row, how many response tokens are the model's top-1 choice (from `score(..., k=1)`)."""
-    return [int(np.sum(r[0][:, 0] == np.asarray(ids[s:]))) for r, ids, s in zip(scored, input_ids, starts)]
 
 
 def is_heldout(row_id: str, fraction: float) -> bool:
@@ -118,7 +131,12 @@ def _measure(cfg: RunConfig, model: str, rows: pa.Table, path: Path) -> pa.Table
         **map_kwargs(cfg.resources, batch_size=64),
     )
     scored = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-    top1 = [int(np.sum(np.asarray(t, np.int64)[:, 0] == np.asarray(ids[s:]))) if t else 0 for t, ids, s in zip(
+    failed = scored.filter(pc.is_valid(scored["error"]))
+    if failed.num_rows:  # left out of the measure rather than counted as misses
+        log.warning("align: %d held-out rows could not be scored, e.g. %s: %s", failed.num_rows,
+                    failed["id"][0].as_py(), failed["error"][0].as_py())
+        scored = scored.filter(pc.is_null(scored["error"]))
+    top1 = [top1_hits(t, ids, s) for t, ids, s in zip(
         scored["topk_ids"].to_pylist(), scored["input_ids"].to_pylist(), scored["response_start"].to_pylist())]
     out = scored.select(["id", "input_ids", "response_start", "ll_sum"]).append_column(
         "top1_hits", pa.array(top1, pa.int64()))
@@ -148,7 +166,7 @@ def config_hash(cfg: RunConfig, teacher_hash: str) -> str:
     return fingerprint(teacher_hash, cfg.proxy, cfg.align, cfg.seed)
 
 
-def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, out: Path) -> pa.Table:
+def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, out: Path, k: int) -> pa.Table:
     import ray
 
     s = cfg.align.sampling
@@ -156,8 +174,9 @@ def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, o
         RoundSampler,
         fn_constructor_kwargs={
             "engine": engine_kwargs(model, model_max_length(model), cfg.seed, cfg.resources, cfg.proxy.dtype),
-            "sampling": {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "seed": cfg.seed},
+            "sampling": {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens},
             "max_length": max_length,
+            "seed": f"{cfg.seed}:round-{k}",
             "kv_cache_gb": cfg.resources.vllm_kv_cache_gb,
         },
         **map_kwargs(cfg.resources, batch_size=64),
@@ -206,7 +225,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
             pairs = pq.read_table(pairs_path)
         else:
             log.info("align: round %d, sampling %d proxy answers", k, proxy_rows.num_rows)
-            pairs = _sample_round(cfg, str(current), proxy_rows, max_length, rdir)
+            pairs = _sample_round(cfg, str(current), proxy_rows, max_length, rdir, k)
         in_heldout = pc.is_in(pairs["id"], heldout["id"])
         if heldout.num_rows:
             points.append(_pairs_alignment(name, pairs.filter(in_heldout)))

@@ -20,7 +20,7 @@ from proxykd.config import RunConfig, fingerprint
 from proxykd.data import extract_answer, score
 from proxykd.encode import encode_split
 from proxykd.models import load_tokenizer, model_max_length
-from proxykd.vllm_actors import VLLMEngine, engine_kwargs, map_kwargs
+from proxykd.vllm_actors import VLLMEngine, engine_kwargs, map_kwargs, top1_hits
 
 log = logging.getLogger("proxykd")
 
@@ -33,7 +33,7 @@ class Evaluator(VLLMEngine):
         ids, starts = batch["input_ids"].to_pylist(), batch["response_start"].to_pylist()
         outs = self.generate([x[:s] for x, s in zip(ids, starts)], self.params)
         scored = self.score(ids, starts, 1)
-        top1 = [float(np.mean(r[0][:, 0] == np.asarray(x[s:]))) for r, x, s in zip(scored, ids, starts)]
+        top1 = [top1_hits(r[0], x, s) / (len(x) - s) if len(x) > s else math.nan for r, x, s in zip(scored, ids, starts)]
         return pa.table({
             "id": batch["id"],
             "sample": pa.array([o.outputs[0].text for o in outs], pa.string()),

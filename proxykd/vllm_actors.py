@@ -101,6 +101,15 @@ def topk_from_prompt_logprobs(
     return ids, lps, actual
 
 
+def top1_hits(topk_ids, input_ids: list[int], response_start: int) -> int:
+    """How many response tokens of `input_ids` are the model's first choice; `topk_ids` [n, k]
+    are the ranked ids at the n response positions (`topk_from_prompt_logprobs`, or a stored row)."""
+    response = np.asarray(input_ids[response_start:])
+    if len(response) == 0:
+        return 0
+    return int(np.sum(np.asarray(topk_ids).reshape(len(response), -1)[:, 0] == response))
+
+
 def logprob_columns(results: list[tuple]) -> dict[str, pa.Array]:
     """`ll` (mean response log-likelihood) and `ll_sum` columns from `score` results."""
     return {

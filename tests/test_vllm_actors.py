@@ -15,6 +15,7 @@ from proxykd.vllm_actors import (
     engine_kwargs,
     logprob_columns,
     token_id_type,
+    top1_hits,
     topk_columns,
 )
 
@@ -115,6 +116,13 @@ def test_scorer_rejects_a_bad_row_and_scores_the_rest(scorer, reference):
 def test_token_id_type_is_the_narrowest_that_fits(vocab, expected):
     assert token_id_type(vocab) == expected
     assert np.iinfo(np.dtype(expected)).max >= vocab - 1
+
+
+def test_top1_hits_counts_response_tokens_that_are_the_models_first_choice():
+    # response tokens 7, 8, 9 (start 2) against ranked ids [7, 1], [0, 8], [9, 2]: hits at 7 and 9
+    assert top1_hits(np.array([[7, 1], [0, 8], [9, 2]]), [5, 6, 7, 8, 9], 2) == 2
+    assert top1_hits([[2], [3]], [1, 2, 3], 1) == 2  # a stored row (lists), k = 1
+    assert top1_hits(np.zeros((0, 1)), [1, 2], 2) == 0  # no response tokens
 
 
 def test_topk_columns_by_hand():
