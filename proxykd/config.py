@@ -156,7 +156,8 @@ class TrainConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     bf16: Optional[bool] = Field(None, description="bf16 autocast; null: on GPU only")
     lora: Optional[LoraConfig] = None
-    checkpoint_every_steps: int = Field(100, gt=0, description="also at the end of every epoch")
+    checkpoint_every_steps: int = Field(100, gt=0, description="and one at the end; the data position is "
+                                        "exact at any step, so epoch ends need no checkpoint of their own")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
 
     @model_validator(mode="after")

@@ -41,9 +41,10 @@ def _kill_run(proc, ray_before: set[int]) -> None:
 
 def test_align_killed_mid_warmup_resumes_from_checkpoint(tmp_path):
     config = tmp_path / "config.yaml"
-    tree = tiny_config(tmp_path / "run", align={"rounds": 1, "warmup": {"epochs": 6, "batch_size": 4},
-                                                "dpo": {"epochs": 1, "batch_size": 8},
-                                                "sampling": {"max_tokens": 16}})
+    # Rounds resume from their saved parts (tests/test_align.py); here the warm-up is killed
+    # mid-training and resumes from its last Ray Train checkpoint.
+    tree = tiny_config(tmp_path / "run", align={"rounds": 0, "warmup": {"epochs": 6, "batch_size": 4,
+                                                                        "checkpoint_every_steps": 2}})
     config.write_text(yaml.safe_dump(tree))
     first = _proxykd("teacher", str(config))
     assert first.wait(timeout=300) == 0, first.stdout.read()
@@ -72,7 +73,7 @@ def test_align_killed_mid_warmup_resumes_from_checkpoint(tmp_path):
     assert again.returncode == 0, out[-5000:]
     assert "[align-warmup] resumed from step" in out
     manifest = json.loads((tmp_path / "run" / "align" / "manifest.json").read_text())
-    assert manifest["model"].endswith("round-1/model")
+    assert manifest["model"].endswith("warmup/model")
     metrics = [json.loads(l) for l in (tmp_path / "run" / "align" / "warmup" / "metrics.jsonl").read_text().splitlines()]
     # every step exactly once across the two processes: no repeated or skipped epoch
     assert [m["epoch"] for m in metrics] == sorted(m["epoch"] for m in metrics)
