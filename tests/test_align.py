@@ -8,15 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from proxykd.align import alignment, is_heldout, top1_hits
-
-
-def test_top1_hits_counts_response_tokens_that_are_the_models_first_choice():
-    input_ids = [[5, 6, 7, 8, 9], [1, 2, 3]]
-    starts = [2, 1]
-    # score(..., k=1) rows: (topk_ids [n, 1], topk_logprobs [n, 1], token_logprobs [n])
-    scored = [(np.array([[7], [0], [9]]), None, None), (np.array([[2], [3]]), None, None)]
-    assert top1_hits(scored, input_ids, starts) == [2, 2]
+from proxykd.align import alignment, is_heldout
 
 
 def test_alignment_is_token_weighted():
@@ -38,19 +30,21 @@ def test_heldout_draw_is_stable_and_near_its_fraction():
 # ---------------------------------------------------------------- the stage, K = 2, LoRA rounds
 
 CAPITALS = {"France": "Paris", "Peru": "Lima", "Japan": "Tokyo", "Kenya": "Nairobi",
-            "Chile": "Santiago", "Egypt": "Cairo", "Italy": "Rome", "Cuba": "Havana"}
+            "Chile": "Santiago", "Egypt": "Cairo", "Italy": "Rome", "Cuba": "Havana",
+            "Spain": "Madrid", "Chad": "Ndjamena", "Nepal": "Kathmandu", "Ghana": "Accra",
+            "Iran": "Tehran", "Mali": "Bamako", "Laos": "Vientiane", "Fiji": "Suva"}
 QUESTIONS = ("What is the capital of {}?", "Name the capital of {}.", "{}: which city is the capital?")
 
 
-def capitals_task(per_country: int, warmup_per_country: int):
-    """A teacher a tiny proxy can learn to imitate: the capital of 8 countries, asked 3 ways.
+def capitals_task(per_country: int, warmup_per_country: int, countries: int = len(CAPITALS)):
+    """A teacher a tiny proxy can learn to imitate: the capitals of some countries, asked 3 ways.
     The first `warmup_per_country` rows of each country are D_w, the rest D_p."""
     import pyarrow as pa
 
     from proxykd.data import PROMPT_SCHEMA
 
     prompts, answers = [], []
-    for country, capital in CAPITALS.items():
+    for country, capital in list(CAPITALS.items())[:countries]:
         for j in range(per_country):
             rid = f"{country.lower()}-{j:02d}"
             prompts.append({"id": rid, "messages": [{"role": "user", "content": QUESTIONS[j % 3].format(country)}],
@@ -74,13 +68,13 @@ def two_rounds(tmp_path_factory, local_ray):
     root = tmp_path_factory.mktemp("align")
     cfg = parse_config(tiny_config(root / "run", align={
         "rounds": 2, "max_length": 96, "beta": 0.1, "nll_weight": 1.0, "heldout_fraction": 0.25,
-        "warmup": {"epochs": 1, "lr": 3e-3, "batch_size": 8},
-        "dpo": {"epochs": 2, "lr": 1e-2, "batch_size": 8,
+        "warmup": {"epochs": 12, "lr": 1e-2, "batch_size": 8},
+        "dpo": {"epochs": 3, "lr": 1e-2, "batch_size": 8,
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
                          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}},
-        "sampling": {"temperature": 1.0, "max_tokens": 40}}))
+        "sampling": {"temperature": 0.7, "max_tokens": 40}}))
     base = materialize_model(cfg.proxy, root / "proxy-init", cfg.seed)
-    prompts, answers = capitals_task(per_country=14, warmup_per_country=2)
+    prompts, answers = capitals_task(per_country=8, warmup_per_country=2)
     manifest = align.run(cfg, prompts, answers, "answers-hash", base)
     return cfg, manifest, root / "run" / "align", base
 
@@ -90,7 +84,7 @@ def test_k2_rounds_raise_the_proxys_teacher_log_likelihood(two_rounds):
     points = manifest["alignment"]
     assert [p["model"] for p in points] == ["warmup", "round-1", "round-2"]
     assert manifest["rows"]["heldout"] == points[0]["rows"] > 10
-    assert manifest["rows"]["warmup"] == 16 and manifest["rows"]["proxy"] + manifest["rows"]["heldout"] == 96
+    assert manifest["rows"]["warmup"] == 32 and manifest["rows"]["proxy"] + manifest["rows"]["heldout"] == 96
     ll = [p["teacher_ll"] for p in points]
     assert ll[0] < ll[1] < ll[2], ll
     assert ll[2] - ll[0] > 0.1, ll
@@ -101,6 +95,8 @@ def test_k2_rounds_raise_the_proxys_teacher_log_likelihood(two_rounds):
         assert metrics and all({"nll", "dpo", "margin"} <= set(m) for m in metrics)
         samples = pq.read_table(folder / f"round-{k}" / "samples.parquet")
         assert samples.column_names == ["id", "rejected"] and samples.num_rows == 96
+        # one seed per row: the proxy's answers to the 8 countries' questions are not all one text
+        assert len(set(samples["rejected"].to_pylist())) > 8
 
 
 def test_lora_rounds_save_merged_checkpoints_that_the_next_rounds_vllm_engine_loads(two_rounds):
@@ -129,3 +125,28 @@ def test_lora_rounds_save_merged_checkpoints_that_the_next_rounds_vllm_engine_lo
         seq = sequence_logprobs(round1(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits, t["labels"])
     np.testing.assert_allclose(pairs["ref_chosen_logp"].to_numpy(), seq[:16].numpy(), rtol=0, atol=2e-2)
     np.testing.assert_allclose(pairs["ref_rejected_logp"].to_numpy(), seq[16:].numpy(), rtol=0, atol=2e-2)
+
+
+def test_a_run_killed_in_round_2_restarts_at_round_2(two_rounds):
+    """What a kill during round 2's training leaves behind: the warm-up, round 1, and round 2's
+    pairs, but no round-2 model, final measure or manifest. The rerun trains round 2 alone, from
+    the stored pairs (no new samples), and arrives at the same proxy."""
+    import shutil
+
+    from proxykd import align
+
+    cfg, manifest, folder, base = two_rounds
+    kept = [folder / "warmup" / "model" / "model.safetensors", folder / "round-1" / "model" / "model.safetensors",
+            folder / "round-1" / "pairs.parquet", folder / "round-2" / "pairs.parquet"]
+    stamps = {p: p.stat().st_mtime_ns for p in kept}
+    for part in ("round-2/model", "round-2/_ray"):
+        shutil.rmtree(folder / part)
+    for part in ("final_heldout.parquet", "manifest.json", "alignment.png"):
+        (folder / part).unlink()
+    prompts, answers = capitals_task(per_country=8, warmup_per_country=2)
+    again = align.run(cfg, prompts, answers, "answers-hash", base)
+    assert {p: p.stat().st_mtime_ns for p in kept} == stamps  # nothing before round 2 was redone
+    assert again["model"] == manifest["model"] and (folder / "round-2" / "model" / "model.safetensors").exists()
+    assert [p["model"] for p in again["alignment"]] == ["warmup", "round-1", "round-2"]
+    for a, b in zip(again["alignment"], manifest["alignment"]):
+        assert a["teacher_ll"] == pytest.approx(b["teacher_ll"], abs=1e-3) and a["top1"] == pytest.approx(b["top1"], abs=1e-2)

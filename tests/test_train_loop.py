@@ -223,7 +223,7 @@ def test_dpo_two_workers_with_accumulation_match_one_worker(tmp_path, local_ray,
 @pytest.mark.slow  # ~75 s on 2 cores: a run, a lost worker, a restart
 def test_worker_killed_mid_run_resumes_without_repeating_or_skipping(tmp_path, monkeypatch, one_worker, student, table):
     """The last of 2 workers SIGKILLs itself before step 6; Ray Train restarts the group from the
-    last checkpoint (every 2 steps and at epoch ends: 2, 3, 4) and the run ends like the
+    last checkpoint (every 2 steps: 2 or 4) and the run ends like the
     uninterrupted one: same steps, same batches, same losses."""
     _, ref = one_worker
     monkeypatch.setenv(training.KILL_ENV, "6")
@@ -233,7 +233,7 @@ def test_worker_killed_mid_run_resumes_without_repeating_or_skipping(tmp_path, m
     assert [r["step"] for r in got] == list(range(1, 10)), summary
     assert [r["batch"] for r in got] == expected_batches(table, 0, 3, 8, 2), summary
     resumed_at = min(r["step"] for r in got if r["attempt"] == 1)
-    assert resumed_at in (3, 4, 5), summary  # after checkpoint 2, 3 or 4 (the last one Ray had registered)
+    assert resumed_at in (3, 5), summary  # after checkpoint 2 or 4 (the last one Ray had registered)
     assert all(r["attempt"] == (r["step"] >= resumed_at) for r in got), summary
     assert_same_curve(ref, got)  # model, optimizer, scheduler and data position all restored
     assert (tmp_path / "model" / "config.json").exists()
