@@ -99,6 +99,16 @@ class RoundSampler(VLLMEngine):
         )
 
 
+def round_ids(ids: list[str], k: int, per_round: int | None, seed: int) -> list[str]:
+    """The D_p rows of round k (1-based): all of `ids`, or `per_round` of them taken in turn from an
+    order seeded by `seed` (round 1 the first per_round, round 2 the next, wrapping around)."""
+    if per_round is None or per_round >= len(ids):
+        return list(ids)
+    order = sorted(ids, key=lambda i: hashlib.sha256(f"align-rounds:{seed}:{i}".encode()).digest())
+    start = (k - 1) * per_round % len(order)
+    return (order + order)[start:start + per_round]
+
+
 def is_heldout(row_id: str, fraction: float) -> bool:
     """A stable draw from the id (salted, so it is independent of the split draw)."""
     return int.from_bytes(hashlib.sha256(f"align-heldout:{row_id}".encode()).digest()[:8], "big") / 2**64 < fraction
@@ -209,6 +219,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
                             pa.bool_())
     heldout = proxy_rows.filter(heldout_mask)
     log.info("align: %d of %d proxy rows held out to measure alignment", heldout.num_rows, proxy_rows.num_rows)
+    trainable = proxy_rows.filter(pc.invert(heldout_mask))["id"].to_pylist()
 
     current = folder / "warmup" / "model"
     if not current.exists():
@@ -224,8 +235,11 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
         if pairs_path.exists():
             pairs = pq.read_table(pairs_path)
         else:
-            log.info("align: round %d, sampling %d proxy answers", k, proxy_rows.num_rows)
-            pairs = _sample_round(cfg, str(current), proxy_rows, max_length, rdir, k)
+            # this round's training rows, and the held-out rows (their scores measure the current proxy)
+            take = pa.array(round_ids(trainable, k, cfg.align.rows_per_round, cfg.seed) + heldout["id"].to_pylist())
+            rows = proxy_rows.filter(pc.is_in(proxy_rows["id"], take))
+            log.info("align: round %d, sampling %d proxy answers", k, rows.num_rows)
+            pairs = _sample_round(cfg, str(current), rows, max_length, rdir, k)
         in_heldout = pc.is_in(pairs["id"], heldout["id"])
         if heldout.num_rows:
             points.append(_pairs_alignment(name, pairs.filter(in_heldout)))
@@ -254,6 +268,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
         inputs={"teacher": teacher_hash, "proxy_init": base},
         model=str(current),
         rows={"warmup": warm_rows.num_rows, "proxy": proxy_rows.num_rows - heldout.num_rows,
+              "per_round": len(round_ids(trainable, 1, cfg.align.rows_per_round, cfg.seed)),
               "heldout": heldout.num_rows},
         **artifacts.write_rejected(folder, rejected),
         alignment=points,

@@ -178,6 +178,9 @@ class AlignConfig(_Strict):
     with the previous round's proxy as the reference."""
 
     rounds: int = Field(2, ge=0)
+    rows_per_round: Optional[int] = Field(
+        None, gt=0, description="D_p rows each round samples and trains on: null = all of them every round; "
+        "N = N rows taken in turn from a seeded order of D_p, so rounds see different rows until it is used up")
     max_length: int = Field(1024, gt=0, description="prompt + response tokens; longer rows are rejected")
     beta: float = Field(0.1, gt=0)
     nll_weight: float = Field(1.0, ge=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from proxykd.align import alignment, is_heldout
+from proxykd.align import alignment, is_heldout, round_ids
 
 
 def test_alignment_is_token_weighted():
@@ -16,6 +16,16 @@ def test_alignment_is_token_weighted():
     point = alignment("round-1", np.array([-3.0, -1.0]), np.array([2, 0]), [[0, 1, 2, 3, 4], [0, 1]], [2, 1])
     assert point == {"model": "round-1", "rows": 2, "tokens": 4, "teacher_ll": pytest.approx(-1.0),
                      "top1": pytest.approx(0.5)}
+
+
+def test_rounds_take_their_rows_in_turn():
+    ids = [f"row-{i}" for i in range(10)]
+    assert round_ids(ids, 1, None, 0) == ids and round_ids(ids, 3, 10, 0) == ids  # all of D_p every round
+    r1, r2, r3 = (round_ids(ids, k, 4, 0) for k in (1, 2, 3))
+    assert len(r1) == len(r2) == len(r3) == 4
+    assert not set(r1) & set(r2) and set(r1) | set(r2) | set(r3) == set(ids)  # the rounds use D_p up in turn
+    assert len(set(r3)) == 4 and len(set(r3) & set(r1)) == 2  # round 3 wraps around to the start
+    assert round_ids(ids, 2, 4, 0) == r2 and round_ids(ids, 1, 4, 1) != r1  # stable; the seed picks the order
 
 
 def test_heldout_draw_is_stable_and_near_its_fraction():

@@ -78,7 +78,7 @@ def _submit(address: str, config: Path) -> str:
 def run(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(root / "run")))
+    config.write_text(yaml.safe_dump(tiny_config(root / "run", align={"rows_per_round": 8})))
     out = _submit(cluster, config)
     return {"cluster": cluster, "config": config, "run_dir": root / "run", "output": out}
 
@@ -114,7 +114,9 @@ def test_align_rounds_and_logits_contract(run):
     align = manifest(run, "align")
     samples = pq.read_table(run["run_dir"] / "align" / "round-1" / "samples.parquet")
     assert samples.column_names == ["id", "rejected"]
-    assert samples.num_rows == align["rows"]["proxy"] + align["rows"]["heldout"] and align["rows"]["heldout"] > 0
+    # the round sampled its 8 rows (align.rows_per_round) and the held-out ones
+    assert align["rows"]["per_round"] == 8 < align["rows"]["proxy"] and align["rows"]["heldout"] > 0
+    assert samples.num_rows == 8 + align["rows"]["heldout"]
     # alignment measured on the held-out rows after the warm-up and after each round
     points = align["alignment"]
     assert [p["model"] for p in points] == ["warmup", "round-1"]
