@@ -469,18 +469,19 @@ def answers(cfg: TeacherConfig, prompts: pa.Table, folder: Path) -> pa.Table:
     """The teacher's answers as later stages read them: one row per prompt `id` and sample index
     that has a response, looked up by request_key (so two prompts with the same messages both get
     the one response bought for them)."""
-    return _answers(cfg, prompts, responses(folder))
+    return _answers(cfg, prompts, responses(folder), request_keys(cfg, prompts))
 
 
-def _answers(cfg: TeacherConfig, prompts: pa.Table, ok: pa.Table) -> pa.Table:
-    """`answers` from the successful responses `ok` (as `responses` returns them)."""
+def _answers(cfg: TeacherConfig, prompts: pa.Table, ok: pa.Table, keys: list[str]) -> pa.Table:
+    """`answers` from the successful responses `ok` (as `responses` returns them) and the prompts'
+    `request_keys`."""
     stored = {r["request_key"]: r for r in ok.select(ANSWER_COLUMNS).to_pylist()}
-    params, out = sampling_params(cfg), []
-    for row in prompts.select(["id", "messages"]).to_pylist():
+    out = []
+    for i, rid in enumerate(prompts["id"].to_pylist()):
         for k in range(cfg.n):
-            hit = stored.get(request_key(cfg.model, row["messages"], params, k))
+            hit = stored.get(keys[i * cfg.n + k])
             if hit is not None:
-                out.append({**hit, "id": row["id"], "sample_index": k})
+                out.append({**hit, "id": rid, "sample_index": k})
     return pa.Table.from_pylist(out, schema=pa.schema([TEACHER_SCHEMA.field(c) for c in ANSWER_COLUMNS]))
 
 
@@ -517,19 +518,20 @@ class MissingAPIKey(RuntimeError):
     pass
 
 
-def _todo(cfg: TeacherConfig, prompts: pa.Table, answered: set[str]) -> tuple[pa.Table, list[dict], int]:
-    """(prompts with the sample indices still to ask, rejected {id, error}, samples to ask)."""
-    params = sampling_params(cfg)
+def _todo(cfg: TeacherConfig, prompts: pa.Table, keys: list[str],
+          answered: set[str]) -> tuple[pa.Table, list[dict], int]:
+    """(prompts with the sample indices still to ask, rejected {id, error}, samples to ask), from
+    the prompts' `request_keys`."""
     todo, rejected, n_samples, asking = [], [], 0, set()
-    for row in prompts.select(["id", "messages"]).to_pylist():
+    for i, row in enumerate(prompts.select(["id", "messages"]).to_pylist()):
         problem = prompt_problem(row["messages"], cfg.max_prompt_tokens)
         if problem:
             rejected.append({"id": row["id"], "error": problem})
             continue
-        keys = {k: request_key(cfg.model, row["messages"], params, k) for k in range(cfg.n)}
+        row_keys = keys[i * cfg.n:(i + 1) * cfg.n]
         # (a prompt with the same messages as an earlier one shares its request)
-        missing = [k for k, key in keys.items() if key not in answered and key not in asking]
-        asking.update(keys[k] for k in missing)
+        missing = [k for k, key in enumerate(row_keys) if key not in answered and key not in asking]
+        asking.update(row_keys[k] for k in missing)
         if missing:
             todo.append({**row, "samples": missing})
             n_samples += len(missing)
@@ -568,7 +570,8 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
 
     stored = _stored(folder)
     answered = set(_ok(stored)["request_key"].to_pylist())
-    todo, rejected, n_samples = _todo(cfg, prompts, answered)
+    keys = request_keys(cfg, prompts)  # n per prompt, prompt by prompt
+    todo, rejected, n_samples = _todo(cfg, prompts, keys, answered)
     for r in rejected[:20]:
         log.warning("teacher: %s rejected before any call: %s", r["id"], r["error"])
     log.info("teacher: %d prompts (%d samples) to ask, %d samples stored, %d prompts rejected",
@@ -622,20 +625,19 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
                     stopped, totals["budget"])
 
     stored = _stored(folder)  # (again: this run's journals were just folded in)
-    got = _answers(cfg, prompts, _ok(stored))
+    got = _answers(cfg, prompts, _ok(stored), keys)
     samples: dict[str, int] = {}
     for rid in got["id"].to_pylist():
         samples[rid] = samples.get(rid, 0) + 1
     errors = {r["request_key"]: r["error"] for r in
               stored.filter(pc.is_valid(stored["error"])).select(["request_key", "error"]).to_pylist()}
-    rejected_ids, params = {r["id"] for r in rejected}, sampling_params(cfg)
+    rejected_ids = {r["id"] for r in rejected}
     failed, not_asked = [], []
-    for row in prompts.select(["id", "messages"]).to_pylist():
-        if row["id"] in rejected_ids or samples.get(row["id"], 0) == cfg.n:
+    for i, rid in enumerate(prompts["id"].to_pylist()):
+        if rid in rejected_ids or samples.get(rid, 0) == cfg.n:
             continue
-        error = next((errors[k] for k in (request_key(cfg.model, row["messages"], params, s) for s in range(cfg.n))
-                      if k in errors), None)
-        (failed if error else not_asked).append({"id": row["id"], "error": error or "not asked: budget reached"})
+        error = next((errors[k] for k in keys[i * cfg.n:(i + 1) * cfg.n] if k in errors), None)
+        (failed if error else not_asked).append({"id": rid, "error": error or "not asked: budget reached"})
     for r in (failed + not_asked)[:20]:
         log.warning("teacher: %s has no response (asked again on the next run): %s", r["id"], r["error"])
     ok = _ok(stored, sorted(set(got["request_key"].to_pylist())))
