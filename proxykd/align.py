@@ -23,6 +23,11 @@ paper's App. A.2 metric). Round k's sampler scores the held-out rows with the ro
 in the same engine pass; the last round's proxy gets one scoring pass of its own. The figures go to
 the manifest (`alignment`) and `align/alignment.png`.
 
+The stage hands on (manifest `model`, `selected`) the proxy with the best held-out teacher
+log-likelihood among the warm-up and every round (`align.select: best_heldout`), or the last one
+(`last`; also the fallback when nothing is held out). A round can overshoot: at a large step size
+whether round k beats round k-1 may turn on the machine's floating-point path.
+
 Layout: `align/warmup/model`, `align/round-<k>/{model, samples.parquet, pairs.parquet}`,
 `align/final_heldout.parquet`. Each part is reused on rerun once its model folder exists, so a run
 killed in round k restarts at k.
@@ -154,7 +159,15 @@ def _measure(cfg: RunConfig, model: str, rows: pa.Table, path: Path) -> pa.Table
     return out
 
 
-def plot_alignment(points: list[dict], path: Path) -> None:
+def select_point(points: list[dict], rule: str) -> dict:
+    """The point (of the warm-up and each round, in order) whose model the stage hands on: the
+    best held-out teacher log-likelihood per token (the earlier one on a tie; points with no
+    scored tokens do not count), or the last."""
+    measured = [p for p in points if p["tokens"]]
+    return max(measured, key=lambda p: p["teacher_ll"]) if rule == "best_heldout" and measured else points[-1]
+
+
+def plot_alignment(points: list[dict], path: Path, chosen: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,9 +175,12 @@ def plot_alignment(points: list[dict], path: Path) -> None:
 
     names = [p["model"] for p in points]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.2))
-    ax1.plot(names, [p["teacher_ll"] for p in points], marker="o")
+    for ax, key in ((ax1, "teacher_ll"), (ax2, "top1")):
+        ax.plot(names, [p[key] for p in points], marker="o")
+        ax.plot([chosen], [p[key] for p in points if p["model"] == chosen], marker="*", markersize=14,
+                linestyle="", label="handed on")
     ax1.set_title("teacher log-likelihood / token")
-    ax2.plot(names, [p["top1"] for p in points], marker="o")
+    ax1.legend(loc="lower right")
     ax2.set_title("top-1 agreement with the teacher")
     fig.suptitle("proxy alignment on held-out D_p")
     fig.tight_layout()
@@ -258,18 +274,23 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
                                 final["input_ids"].to_pylist(), final["response_start"].to_pylist()))
         log.info("align: %s proxy on held-out D_p: teacher ll %.4f/token, top-1 %.3f",
                  name, points[-1]["teacher_ll"], points[-1]["top1"])
-        plot_alignment(points, folder / "alignment.png")
+        chosen = {**select_point(points, cfg.align.select), "select": cfg.align.select}
+        plot_alignment(points, folder / "alignment.png", chosen["model"])
     else:
-        log.warning("align: no held-out proxy rows (align.heldout_fraction=%s): alignment not measured",
-                    cfg.align.heldout_fraction)
+        log.warning("align: no held-out proxy rows (align.heldout_fraction=%s): alignment not measured, "
+                    "the last model is handed on", cfg.align.heldout_fraction)
+        chosen = {"model": name, "select": "last"}
+    chosen["path"] = str(folder / chosen["model"] / "model")
+    log.info("align: handing on the %s proxy (align.select=%s)", chosen["model"], chosen["select"])
 
     return artifacts.write_manifest(
         folder, "align", h, started,
         inputs={"teacher": teacher_hash, "proxy_init": base},
-        model=str(current),
+        model=chosen["path"],
         rows={"warmup": warm_rows.num_rows, "proxy": proxy_rows.num_rows - heldout.num_rows,
               "per_round": min(cfg.align.rows_per_round or len(trainable), len(trainable)),
               "heldout": heldout.num_rows},
         **artifacts.write_rejected(folder, rejected),
         alignment=points,
+        selected=chosen,
     )

@@ -187,6 +187,11 @@ class AlignConfig(_Strict):
     heldout_fraction: float = Field(
         0.1, ge=0, lt=1, description="of D_p, by a hash of id: never trained on, used to measure alignment "
         "(teacher log-likelihood and top-1 agreement) after the warm-up and every round")
+    select: Literal["best_heldout", "last"] = Field(
+        "best_heldout", description="the proxy the stage hands on (manifest `model`): best_heldout = the one "
+        "of the warm-up and the rounds with the highest held-out teacher log-likelihood per token (a round "
+        "that overshoots is skipped; every round is still reported); last = the last round's. With nothing "
+        "held out, the last")
     warmup: TrainConfig = Field(default_factory=TrainConfig)
     dpo: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
