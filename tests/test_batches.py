@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from proxykd.training import collate, pad_sequences, place_topk
+from proxykd.training import collate, pad_sequences, place_topk, response_window
 
 PAD = 0
 X = -100  # ignored label
@@ -208,3 +208,63 @@ def test_collate_single_row(objective):
     out = collate(objective, _kd_table().slice(1, 1), PAD)
     np.testing.assert_array_equal(out["input_ids"], [[21, 22]])
     np.testing.assert_array_equal(out["labels"], [[X, 22]])
+
+
+def test_left_padding_and_response_window_by_hand():
+    # ROWS = [[11,12,13,14],[21,22],[31..36]], STARTS = [2, 1, 3]; T = 6
+    out = collate("kd", _kd_table(), PAD, left_pad=True)
+    np.testing.assert_array_equal(out["input_ids"], [[0, 0, 11, 12, 13, 14], [0, 0, 0, 0, 21, 22],
+                                                     [31, 32, 33, 34, 35, 36]])
+    np.testing.assert_array_equal(out["labels"], [[X, X, X, X, 13, 14], [X, X, X, X, X, 22],
+                                                  [X, X, X, 34, 35, 36]])
+    np.testing.assert_array_equal(out["position_ids"], [[0, 0, 0, 1, 2, 3], [0, 0, 0, 0, 0, 1],
+                                                        [0, 1, 2, 3, 4, 5]])
+    # top-k entry t of a row sits at its token's position: row 0's two entries at 4 and 5
+    np.testing.assert_array_equal(out["topk_ids"][0, 4:], [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(out["topk_ids"][1, 5], [5, 6])
+    np.testing.assert_array_equal(out["topk_ids"][2, 3:], [[7, 8], [9, 10], [11, 12]])
+    first, cut = response_window(out)
+    assert first == 2  # the first response token is at 3; logits from position 2 predict it
+    assert cut["labels"].shape == (3, 4) and cut["topk_ids"].shape == (3, 4, 2)
+    assert cut["input_ids"].shape == (3, 6) and cut["position_ids"].shape == (3, 6)
+    np.testing.assert_array_equal(cut["weight"], out["weight"])
+
+
+@pytest.mark.parametrize("objective", ["sft", "kd", "dpo"])
+def test_left_padded_window_gives_the_right_padded_full_loss_and_gradient(objective, tmp_path):
+    """The training loop's batches (left padding, logits only from the response window) give the
+    loss and gradients of the plain right-padded full forward."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from proxykd.training import compute_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
+    table = _kd_table()
+    if objective == "dpo":
+        table = pa.table({"id": ["a", "b"],
+                          "chosen_input_ids": pa.array([[1, 2, 3], [4, 5, 6, 7, 9, 9, 9]], pa.list_(pa.int32())),
+                          "chosen_response_start": pa.array([1, 2], pa.int32()),
+                          "rejected_input_ids": pa.array([[1, 2, 8, 9, 10], [4, 5, 3]], pa.list_(pa.int32())),
+                          "rejected_response_start": pa.array([1, 2], pa.int32()),
+                          "ref_chosen_logp": pa.array([-3.0, -4.5]), "ref_rejected_logp": pa.array([-6.0, -1.5])})
+    params = {"alpha": 2.0, "sample_weighting": True, "beta": 0.5, "nll_weight": 1.0}
+
+    def loss_and_grad(left):
+        model.zero_grad()
+        arrays = collate(objective, table, PAD, left_pad=left)
+        first, arrays = response_window(arrays) if left else (0, arrays)
+        t = {k: torch.as_tensor(v) for k, v in arrays.items()}
+        kw = {"position_ids": t["position_ids"], "logits_to_keep": t["input_ids"].shape[1] - first} if left else {}
+        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], **kw).logits
+        loss, _ = compute_loss(objective, logits.float(), t, params)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    want_loss, want_grad = loss_and_grad(False)
+    got_loss, got_grad = loss_and_grad(True)
+    assert np.isfinite(got_loss)
+    assert abs(got_loss - want_loss) < 1e-5 * max(1.0, abs(want_loss))
+    assert torch.allclose(got_grad, want_grad, atol=1e-5, rtol=1e-4)
