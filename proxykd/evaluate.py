@@ -76,31 +76,53 @@ def report_table(results: pa.Table) -> str:
     return "\n".join(lines)
 
 
+def split_rows(prompts: pa.Table, teacher: pa.Table, split: str, model: str) -> tuple[pa.Table, list[dict]]:
+    """One split's prompts with the teacher's first answer, tokenised for `model` (any model of the
+    run: they share one vocabulary), and the rows left out as {id, error}."""
+    return encode_split(load_tokenizer(model), prompts, teacher, split, model_max_length(model) - 1, all_samples=False)
+
+
+def scored_results(prompts: pa.Table, model: str, generations: list[dict]) -> list[dict]:
+    """Results rows of one model: each generation's extracted answer scored against its reference
+    (`generations`: {id, text, teacher_ll?, teacher_top1?})."""
+    wanted = pa.array([g["id"] for g in generations], pa.string())
+    meta = {r["id"]: r for r in prompts.filter(pc.is_in(prompts["id"], wanted)).select(
+        ["id", "reference", "task", "metadata"]).to_pylist()}
+    out = []
+    for g in generations:
+        m, answer = meta[g["id"]], extract_answer(g["text"])
+        out.append({"id": g["id"], "model": model, "generation": g["text"], "answer": answer,
+                    "reference": m["reference"], "task": m["task"],
+                    "score": score(m["task"], answer, m["reference"], m["metadata"]),
+                    "teacher_ll": g.get("teacher_ll", math.nan), "teacher_top1": g.get("teacher_top1", math.nan)})
+    return out
+
+
+def model_results(cfg: RunConfig, prompts: pa.Table, name: str, model_path: str, rows: pa.Table) -> list[dict]:
+    """Generate with `model_path` on `rows` (vLLM in Ray Data) and score the answers."""
+    gens = evaluate_model(cfg, model_path, rows).to_pylist()
+    return scored_results(prompts, name, [{"text": g["sample"], **g} for g in gens])
+
+
+def teacher_results(prompts: pa.Table, rows: pa.Table) -> list[dict]:
+    return scored_results(prompts, "teacher", [{"id": r["id"], "text": r["response"]}
+                                               for r in rows.select(["id", "response"]).to_pylist()])
+
+
 def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, models: dict[str, str], distill_hash: str) -> dict:
     folder = artifacts.stage_dir(cfg.run_dir, "eval")
     h = config_hash(cfg, distill_hash)
     if done := artifacts.finished_or_begin(folder, h):
         return done
     started = time.time()
-    any_model = next(iter(models.values()))
-    rows, rejected = encode_split(load_tokenizer(any_model), prompts, teacher, "eval", model_max_length(any_model) - 1,
-                                  all_samples=False)
+    rows, rejected = split_rows(prompts, teacher, "eval", next(iter(models.values())))
     if rows.num_rows == 0:
         raise RuntimeError("eval: no eval prompt has a teacher answer; raise data.eval_fraction")
-    meta = {r["id"]: r for r in prompts.select(["id", "reference", "task", "metadata"]).to_pylist()}
-
-    def scored(model: str, rid: str, text: str, ll=math.nan, top1=math.nan) -> dict:
-        m, answer = meta[rid], extract_answer(text)
-        return {"id": rid, "model": model, "generation": text, "answer": answer, "reference": m["reference"],
-                "score": score(m["task"], answer, m["reference"], m["metadata"]),
-                "teacher_ll": ll, "teacher_top1": top1}
-
-    out = [scored("teacher", r["id"], r["response"]) for r in rows.select(["id", "response"]).to_pylist()]
+    out = teacher_results(prompts, rows)
     # Baseline before Proxy-KD, so the table reads top-down.
     for name in sorted(models, key=lambda n: n != "baseline"):
         log.info("eval: the %s student on %d prompts", name, rows.num_rows)
-        for r in evaluate_model(cfg, models[name], rows).to_pylist():
-            out.append(scored(name, r["id"], r["sample"], r["teacher_ll"], r["teacher_top1"]))
+        out += model_results(cfg, prompts, name, models[name], rows)
     results = pa.Table.from_pylist(out)
     artifacts.write_table_atomic(results, folder / "results.parquet")
     table = report_table(results)

@@ -33,6 +33,8 @@ def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: Resources
         "enable_prefix_caching": False,
         "max_logprobs": max_logprobs,  # vLLM refuses top-k above this (default 20)
     }
+    eager = res.vllm_enforce_eager
+    kwargs["enforce_eager"] = res.vllm_gpus_per_actor == 0 if eager is None else eager
     if res.vllm_gpus_per_actor > 0:
         kwargs["gpu_memory_utilization"] = res.vllm_gpu_memory_utilization
     if res.vllm_gpus_per_actor >= 2:  # one engine over all of the actor's GPUs

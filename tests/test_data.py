@@ -258,3 +258,24 @@ def test_score_without_task_is_exact_match():
     assert score("no_such_task_xyz", "7", "7", "{}") == 1.0
     assert score("no_such_task_xyz", "6", "7", "{}") == 0.0
     assert math.isnan(score(None, "7", None, "{}"))
+
+
+def test_dev_split_takes_its_fraction_and_leaves_the_other_splits_as_they_were():
+    plain, with_dev = DataConfig(eval_fraction=0.2), DataConfig(eval_fraction=0.2, dev_fraction=0.1)
+    ids = [f"synthetic-{i}" for i in range(20_000)]
+    a, b = [assign_split(i, plain) for i in ids], [assign_split(i, with_dev) for i in ids]
+    assert abs(b.count("dev") / len(ids) - 0.1) <= 0.01 and "dev" not in a
+    assert [x for x, y in zip(a, b) if y == "eval"] == ["eval"] * b.count("eval")  # eval items stay eval
+    assert all(y in ("dev", x) for x, y in zip(a, b) if x != "eval")  # the rest only loses rows to dev
+
+
+def test_split_by_question_puts_identical_questions_in_one_split():
+    cfg = DataConfig(split_by="question", eval_fraction=0.3, dev_fraction=0.2)
+    splits = {assign_split(f"id-{i}", cfg, "What is 2 + 2?") for i in range(200)}
+    assert len(splits) == 1
+    assert len({assign_split(f"id-{i}", DataConfig(eval_fraction=0.3), "What is 2 + 2?") for i in range(200)}) > 1
+
+
+def test_held_out_fractions_must_leave_training_rows():
+    with pytest.raises(ValueError, match="eval_fraction \\+ dev_fraction"):
+        DataConfig(eval_fraction=0.6, dev_fraction=0.4)
