@@ -228,16 +228,16 @@ def build_models(models_dir: str | Path = "models", student_layers: int = 10) ->
 
 def build_if_known(path: str) -> str:
     """A configured `path` that is missing and named like a `proxykd models` output
-    (`.../smollm2-135m-instruct`, `.../smollm2-135m-cut<N>`) is built there; any other path is
-    returned as it is (a Hugging Face folder or hub id)."""
+    (`.../smollm2-135m-instruct`, `.../smollm2-135m-cut<N>`) is built there. Local folders are
+    returned absolute, anything else (a hub id) as it is."""
     import re
 
     p = Path(path)
-    if p.exists():
-        return path
+    if p.exists():  # absolute: Ray workers run in other working directories
+        return str(p.resolve())
     if p.name == PROXY_NAME:
-        return build_smollm2(p)
+        return str(Path(build_smollm2(p)).resolve())
     m = re.fullmatch(r"smollm2-135m-cut(\d+)", p.name)
     if m:
-        return build_models(p.parent, int(m.group(1)))["student"]
+        return str(Path(build_models(p.parent, int(m.group(1)))["student"]).resolve())
     return path

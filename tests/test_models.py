@@ -57,3 +57,9 @@ def test_smollm2_is_dequantised_into_a_plain_folder_that_matches_the_gguf(tmp_pa
     assert student.config.num_hidden_layers == 10
     assert 60e6 < sum(p.numel() for p in student.parameters()) < 70e6
     check_same_vocab(paths["proxy"], paths["student"])
+
+
+def test_build_if_known_makes_local_folders_absolute(tmp_path, monkeypatch):
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert build_if_known("m") == str(tmp_path / "m")  # Ray workers run in other working directories
