@@ -1,6 +1,6 @@
 """The align stage: the pure parts of the alignment measurement, and a real K = 2 run (vLLM
-sampling, Ray Train NLL + DPO with LoRA) on a task a tiny proxy can learn, in which the proxy's
-log-likelihood of the teacher's held-out responses rises round after round."""
+sampling, Ray Train NLL + DPO with LoRA) on a task a tiny proxy can learn, in which the proxy the
+stage hands on beats the warm-up's log-likelihood of the teacher's held-out responses."""
 
 import json
 
@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from proxykd.align import alignment, is_heldout, round_ids
+from proxykd.align import alignment, is_heldout, round_ids, select_point
 
 
 def test_alignment_is_token_weighted():
@@ -16,6 +16,24 @@ def test_alignment_is_token_weighted():
     point = alignment("round-1", np.array([-3.0, -1.0]), np.array([2, 0]), [[0, 1, 2, 3, 4], [0, 1]], [2, 1])
     assert point == {"model": "round-1", "rows": 2, "tokens": 4, "teacher_ll": pytest.approx(-1.0),
                      "top1": pytest.approx(0.5)}
+
+
+def test_the_stage_hands_on_the_best_held_out_proxy_or_the_last():
+    def point(name, ll, tokens=40):
+        return {"model": name, "rows": 8, "tokens": tokens, "teacher_ll": ll, "top1": 0.8}
+
+    overshot = [point("warmup", -0.58), point("round-1", -0.50), point("round-2", -0.56)]
+    assert select_point(overshot, "best_heldout")["model"] == "round-1"  # round 2 fell: round 1 is handed on
+    assert select_point(overshot, "last")["model"] == "round-2"
+    rising = [point("warmup", -0.58), point("round-1", -0.51), point("round-2", -0.48)]
+    assert select_point(rising, "best_heldout")["model"] == "round-2"
+    worse = [point("warmup", -0.23), point("round-1", -0.26)]
+    assert select_point(worse, "best_heldout")["model"] == "warmup"  # no round helped: the warm-up
+    tie = [point("warmup", -0.5), point("round-1", -0.4), point("round-2", -0.4)]
+    assert select_point(tie, "best_heldout")["model"] == "round-1"  # a tie goes to the earlier round
+    unscored = [point("warmup", -0.58), point("round-1", 0.0, tokens=0)]  # no rows scored: 0/1 is no figure
+    assert select_point(unscored, "best_heldout")["model"] == "warmup"
+    assert select_point([point("warmup", 0.0, tokens=0)], "best_heldout")["model"] == "warmup"
 
 
 def test_rounds_take_their_rows_in_turn():
@@ -90,15 +108,25 @@ def two_rounds(tmp_path_factory, local_ray):
 
 
 def test_k2_rounds_raise_the_proxys_teacher_log_likelihood(two_rounds):
+    """Every round is reported, and the proxy handed on is the one with the best held-out teacher
+    log-likelihood: it beats the warm-up's by a margin. Round 2 at LoRA lr 1e-2 is on a knife edge:
+    it rose further on some machines and floating-point paths and fell back below round 1 on
+    others, so the claim is on the handed-on proxy, not on every round rising. Measured rises of
+    the handed-on proxy over the warm-up: +0.078 to +0.140 (round 1 alone: +0.066 to +0.097) on
+    three machines, 1 or 2 torch threads, avx512 or avx2 kernels, and seeds 0 and 1; the margin
+    asserted is 0.03."""
     _, manifest, folder, _ = two_rounds
     points = manifest["alignment"]
     assert [p["model"] for p in points] == ["warmup", "round-1", "round-2"]
     assert manifest["rows"]["heldout"] == points[0]["rows"] > 10
     assert manifest["rows"]["warmup"] == 32 and manifest["rows"]["proxy"] + manifest["rows"]["heldout"] == 96
-    ll = [p["teacher_ll"] for p in points]
-    assert ll[0] < ll[1] < ll[2], ll
-    assert ll[2] - ll[0] > 0.1, ll
-    assert points[2]["top1"] >= points[0]["top1"]
+    warm, best = points[0], max(points, key=lambda p: p["teacher_ll"])
+    chosen = manifest["selected"]
+    assert chosen == {**best, "select": "best_heldout", "path": str(folder / best["model"] / "model")}
+    assert manifest["model"] == chosen["path"] and (folder / best["model"] / "model" / "config.json").exists()
+    assert chosen["model"] != "warmup" and chosen["teacher_ll"] - warm["teacher_ll"] > 0.03, points
+    # top-1 is not what the choice is made on; the handed-on proxy's rose by 0.022 to 0.056
+    assert chosen["top1"] > warm["top1"] - 0.01, points
     assert (folder / "alignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for k in (1, 2):
         metrics = [json.loads(line) for line in (folder / f"round-{k}" / "metrics.jsonl").read_text().splitlines()]
@@ -157,6 +185,7 @@ def test_a_run_killed_in_round_2_restarts_at_round_2(two_rounds):
     again = align.run(cfg, prompts, answers, "answers-hash", base)
     assert {p: p.stat().st_mtime_ns for p in kept} == stamps  # nothing before round 2 was redone
     assert again["model"] == manifest["model"] and (folder / "round-2" / "model" / "model.safetensors").exists()
+    assert again["selected"]["model"] == manifest["selected"]["model"]
     assert [p["model"] for p in again["alignment"]] == ["warmup", "round-1", "round-2"]
     for a, b in zip(again["alignment"], manifest["alignment"]):
         assert a["teacher_ll"] == pytest.approx(b["teacher_ll"], abs=1e-3) and a["top1"] == pytest.approx(b["top1"], abs=1e-2)
