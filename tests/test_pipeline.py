@@ -122,7 +122,10 @@ def test_align_rounds_and_logits_contract(run):
     assert [p["model"] for p in points] == ["warmup", "round-1"]
     assert all(p["teacher_ll"] < 0 and 0 <= p["top1"] <= 1 and p["tokens"] > 0 for p in points)
     assert (run["run_dir"] / "align" / "alignment.png").stat().st_size > 0
-    assert align["model"].endswith("round-1/model") and Path(align["model"], "config.json").exists()
+    # the handed-on proxy is the one with the best held-out teacher log-likelihood (align.select)
+    best = max(points, key=lambda p: p["teacher_ll"])["model"]
+    assert align["selected"]["model"] == best and align["model"].endswith(f"{best}/model")
+    assert Path(align["model"], "config.json").exists()
 
     files = shard_files(run["run_dir"] / "logits")
     assert len(files) > 1  # written block by block, not as one file at the end
