@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from proxykd.config import DataConfig
+from proxykd.scoring import registered_tasks, score_many
 
 log = logging.getLogger("proxykd")
 
@@ -119,12 +120,18 @@ def validate_row(raw: dict, system_prompt: Optional[str]) -> dict:
         raise ValueError("the last message must have role 'user'")
     if not messages[-1]["content"].strip():
         raise ValueError("empty prompt")
+    task = raw.get("task")
+    # A task picks the scorer that will read this row's reference, metadata and the model's answer
+    # (see proxykd.scoring): only reasoning-gym's own datasets name one.
+    if task is not None and not (isinstance(task, str) and task in registered_tasks()):
+        raise ValueError(f"unknown task {task!r}: `task` must name a reasoning-gym dataset "
+                         "(leave it out to score by exact match)")
     reference = raw.get("reference")
     return {
         "id": row_id,
         "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
         "reference": None if reference is None else str(reference),
-        "task": raw.get("task"),
+        "task": task,
         "metadata": json.dumps(raw.get("metadata") or {}, default=str),
     }
 
@@ -168,16 +175,8 @@ def extract_answer(text: str) -> str:
 
 
 def score(task: Optional[str], answer: str, reference: Optional[str], metadata: str) -> float:
-    """reasoning-gym's own scorer where the row came from a task; exact match otherwise."""
-    if reference is None:
-        return float("nan")
-    if task:
-        import reasoning_gym
-
-        try:
-            fn = reasoning_gym.get_score_answer_fn(task)
-        except Exception:  # noqa: BLE001 - unknown task name: fall back to exact match
-            fn = None
-        if fn is not None:
-            return float(fn(answer, {"answer": reference, "metadata": json.loads(metadata or "{}")}))
-    return float(answer.strip() == reference.strip())
+    """One answer's score (`scoring.score_many` of one item: reasoning-gym's scorer where the row
+    names a task, run isolated; exact match otherwise; NaN without a reference; 0 when scoring
+    fails). Callers with many answers use `score_many`, which scores them in one process."""
+    return score_many([{"id": "-", "task": task, "answer": answer, "reference": reference,
+                        "metadata": metadata}])[0].score

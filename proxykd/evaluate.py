@@ -17,9 +17,10 @@ import pyarrow.compute as pc
 
 from proxykd import artifacts
 from proxykd.config import RunConfig, fingerprint
-from proxykd.data import extract_answer, score
+from proxykd.data import extract_answer
 from proxykd.encode import encode_split
 from proxykd.models import load_tokenizer, model_max_length
+from proxykd.scoring import score_many
 from proxykd.vllm_actors import VLLMEngine, engine_kwargs, map_kwargs, top1_hits
 
 log = logging.getLogger("proxykd")
@@ -84,17 +85,22 @@ def split_rows(prompts: pa.Table, teacher: pa.Table, split: str, model: str) -> 
 
 def scored_results(prompts: pa.Table, model: str, generations: list[dict]) -> list[dict]:
     """Results rows of one model: each generation's extracted answer scored against its reference
-    (`generations`: {id, text, teacher_ll?, teacher_top1?})."""
+    (`generations`: {id, text, teacher_ll?, teacher_top1?}), all in one isolated scoring process
+    (`scoring.score_many`). An answer whose scoring failed (timed out, crashed, or the scorer tried
+    to act) scores 0 and names why in `score_error` (null otherwise)."""
     wanted = pa.array([g["id"] for g in generations], pa.string())
     meta = {r["id"]: r for r in prompts.filter(pc.is_in(prompts["id"], wanted)).select(
         ["id", "reference", "task", "metadata"]).to_pylist()}
     out = []
     for g in generations:
-        m, answer = meta[g["id"]], extract_answer(g["text"])
-        out.append({"id": g["id"], "model": model, "generation": g["text"], "answer": answer,
-                    "reference": m["reference"], "task": m["task"],
-                    "score": score(m["task"], answer, m["reference"], m["metadata"]),
-                    "teacher_ll": g.get("teacher_ll", math.nan), "teacher_top1": g.get("teacher_top1", math.nan)})
+        m = meta[g["id"]]
+        out.append({"id": g["id"], "model": model, "generation": g["text"], "answer": extract_answer(g["text"]),
+                    "reference": m["reference"], "task": m["task"], "score": math.nan,
+                    "teacher_ll": g.get("teacher_ll", math.nan), "teacher_top1": g.get("teacher_top1", math.nan),
+                    "score_error": None})
+    scores = score_many([{**meta[r["id"]], "answer": r["answer"]} for r in out])
+    for r, s in zip(out, scores):
+        r["score"], r["score_error"] = s.score, s.error
     return out
 
 

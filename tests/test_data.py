@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from proxykd import scoring
 from proxykd.config import DataConfig, SplitConfig, TaskConfig
 from proxykd.data import (
     PROMPT_SCHEMA,
@@ -145,6 +146,22 @@ def test_build_prompts_from_file(tmp_path):
     assert len(no_id) == 1 and "`id`" in no_id[0]["error"]
 
 
+def test_a_file_row_names_only_a_registered_task(tmp_path):
+    """`task` picks the scorer that reads the row's reference, metadata and the model's answer, so a
+    prompt file may only name reasoning-gym's own datasets; other rows are rejected with their id."""
+    rows = [{**GOOD_1, "id": "countdown", "task": "countdown", "metadata": {"numbers": [1, 2], "target": 3}},
+            {**GOOD_1, "id": "no-task"},
+            {**GOOD_1, "id": "typo", "task": "countdwn"},
+            {**GOOD_1, "id": "number", "task": 42},
+            {**GOOD_1, "id": "empty", "task": ""}]
+    table, rejected = build_prompts(DataConfig(source="file", path=str(_write_jsonl(tmp_path / "p.jsonl", rows))))
+    assert dict(zip(table["id"].to_pylist(), table["task"].to_pylist())) == {"countdown": "countdown", "no-task": None}
+    errors = {r["id"]: r["error"] for r in rejected}
+    assert errors.keys() == {"typo", "number", "empty"}
+    assert errors["typo"].startswith("unknown task 'countdwn': `task` must name a reasoning-gym dataset")
+    assert "unknown task 42" in errors["number"]
+
+
 def test_row_without_id_reported_with_line_marker(tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", [GOOD_1, {"messages": [{"role": "user", "content": "x"}]}])
     _, rejected = build_prompts(DataConfig(source="file", path=str(path)))
@@ -250,6 +267,12 @@ def test_teacher_style_round_trip(reference):
     response = teacher_style_response(reference)
     assert response != reference
     assert extract_answer(response) == reference
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_the_scoring_server():
+    yield
+    scoring.close()
 
 
 def test_score_without_task_is_exact_match():
