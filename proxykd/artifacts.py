@@ -3,6 +3,12 @@
 A stage is done when `<run_dir>/<stage>/manifest.json` exists and its `config_hash` matches; the
 manifest is written last and atomically, so a crash mid-stage never looks finished. Row shards are
 keyed by `id`; a stage that died part-way reads the shards it already wrote and skips those ids.
+
+Nothing is lost to a crash or a bad file: every file written here is fsynced before it is renamed
+into place (and its folder after), so a power cut cannot leave a manifest that points at data the
+disk never got; an unreadable Parquet file or manifest is never deleted by a reader but
+quarantined (renamed to `<name>.unreadable-<time>`, kept for a human, listed in the stage's next
+manifest as `quarantined`) and its rows are redone.
 """
 
 from __future__ import annotations
@@ -27,10 +33,19 @@ def stage_dir(run_dir: str | Path, stage: str) -> Path:
 
 
 def read_manifest(folder: Path) -> Optional[dict]:
+    """The stage's manifest; None when there is none, or when it cannot be read (it is then
+    quarantined and the stage runs again)."""
     path = Path(folder) / "manifest.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a manifest is a JSON object, got {type(manifest).__name__}")
+        return manifest
+    except (ValueError, UnicodeDecodeError) as e:
+        quarantine(path, e)
+        return None
 
 
 def is_done(folder: Path, config_hash: str) -> bool:
@@ -50,10 +65,43 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames and removals in `folder` durable (a no-op where the platform cannot)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # (some file systems refuse fsync on a folder)
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """The written `tmp` on disk, then renamed over `path`, and the rename on disk too."""
+    fsync_file(tmp)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _replace_durably(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def write_manifest(folder: Path, stage: str, config_hash: str, started: float, **fields: Any) -> dict:
@@ -65,6 +113,8 @@ def write_manifest(folder: Path, stage: str, config_hash: str, started: float, *
         "versions": _versions(),
         **fields,
     }
+    if quarantined := quarantined_files(folder):
+        manifest["quarantined"] = quarantined
     write_json_atomic(Path(folder) / "manifest.json", manifest)
     return manifest
 
@@ -89,33 +139,74 @@ def begin_stage(folder: Path, config_hash: str, keep_stale: bool = False) -> Non
     marker = folder / ".config_hash"
     if marker.exists() and marker.read_text() != config_hash and not keep_stale:
         for child in folder.iterdir():
+            if QUARANTINE_MARK in child.name:  # kept for a human, whatever the config
+                continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         log.info("%s: config changed, previous partial work dropped", folder.name)
-    marker.write_text(config_hash)
+    write_text_atomic(marker, config_hash)
+
+
+QUARANTINE_MARK = ".unreadable-"
+
+
+def quarantine(path: Path, why: object) -> Path:
+    """Rename an unreadable file out of every reader's way (`<name>.unreadable-<UTC time>`), never
+    delete it: it may hold rows that were paid for. Returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}{QUARANTINE_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    n = 1
+    while target.exists():  # (two in one second)
+        target = target.with_name(f"{target.name.split('~')[0]}~{n}")
+        n += 1
+    os.replace(path, target)
+    fsync_dir(path.parent)
+    log.warning("%s is unreadable (%s): kept as %s, its rows are redone", path, str(why)[:200], target.name)
+    return target
+
+
+def quarantined_files(folder: Path) -> list[str]:
+    """Names of the files quarantined in a stage folder (reported in its manifest)."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if QUARANTINE_MARK in p.name) if folder.is_dir() else []
 
 
 def shard_files(folder: Path) -> list[Path]:
     """Readable Parquet shards of a stage folder. A shard cut short by a crash has no valid
-    footer: it is deleted (its rows are redone) instead of poisoning every later read."""
+    footer: it is quarantined (its rows are redone) instead of poisoning every later read."""
     files = []
     for path in sorted(Path(folder).glob("*.parquet")):
         if path.name == REJECTED_FILE:
             continue
         try:
             pq.read_metadata(path)
-        except Exception:  # noqa: BLE001 - any unreadable file is a partial write
-            log.warning("removing unreadable partial shard %s", path)
-            path.unlink()
+        except FileNotFoundError:  # (another reader quarantined it a moment ago)
+            continue
+        except PermissionError:  # the environment's fault, not the file's
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever pyarrow raises for a broken file
+            quarantine(path, e)
             continue
         files.append(path)
     return files
 
 
 def read_shards(folder: Path, columns: Optional[list[str]] = None) -> pa.Table:
-    files = shard_files(folder)
-    if not files:
+    tables = []
+    for f in shard_files(folder):
+        try:
+            tables.append(pq.read_table(f, columns=columns))
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a footer that reads, over data pages that do not?
+            try:
+                pq.read_table(f)
+            except Exception:  # noqa: BLE001 - yes: the file is broken
+                quarantine(f, e)
+                continue
+            raise  # no: the file is fine, the request (e.g. a column it lacks) is not
+    if not tables:
         return pa.table({c: [] for c in (columns or [])})
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default")
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def done_ids(folder: Path) -> set[str]:
@@ -126,7 +217,7 @@ def done_ids(folder: Path) -> set[str]:
 def write_table_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
     pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
 
 
 def to_dataset(table: pa.Table, rows_per_block: int):

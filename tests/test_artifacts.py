@@ -1,10 +1,12 @@
 """Tests for proxykd.artifacts: manifests, stage (re)opening, shards, resume ids, atomic writes."""
 
 import json
+import os
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from proxykd.artifacts import (
     begin_stage,
@@ -97,9 +99,9 @@ def test_begin_stage_other_hash_drops_partial_work(tmp_path):
     assert done_ids(folder) == {"c"}
 
 
-def test_shard_files_drops_truncated_shard(tmp_path):
+def test_an_unreadable_shard_is_quarantined_never_deleted(tmp_path):
     folder = tmp_path / "teacher"
-    folder.mkdir()
+    begin_stage(folder, "h1")
     good = folder / "a.parquet"
     bad = folder / "b.parquet"
     pq.write_table(_table(["x", "y"]), good)
@@ -110,16 +112,64 @@ def test_shard_files_drops_truncated_shard(tmp_path):
 
     files = shard_files(folder)
     assert files == [good]
-    assert not bad.exists()
+    kept = [p for p in folder.iterdir() if p.name.startswith("b.parquet.unreadable-")]
+    assert not bad.exists() and len(kept) == 1 and kept[0].read_bytes() == data[: len(data) // 2]
     assert good.exists() and (folder / "notes.txt").exists()
     assert sorted(read_shards(folder)["id"].to_pylist()) == ["x", "y"]
     assert done_ids(folder) == {"x", "y"}
+    # reported by the stage's next manifest, and kept when a new config drops the partial work
+    assert write_manifest(folder, "teacher", "h1", time.time())["quarantined"] == [kept[0].name]
+    begin_stage(folder, "h2")
+    assert [p.name for p in folder.iterdir() if p.name != ".config_hash"] == [kept[0].name]
 
 
-def test_shard_files_drops_empty_file(tmp_path):
+def test_an_empty_file_is_quarantined_too(tmp_path):
     (tmp_path / "empty.parquet").write_bytes(b"")
     pq.write_table(_table(["k"]), tmp_path / "ok.parquet")
     assert [p.name for p in shard_files(tmp_path)] == ["ok.parquet"]
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir() if "unreadable" in p.name] == ["empty.parquet.unreadable"]
+
+
+def test_read_shards_quarantines_a_shard_whose_data_is_corrupt_but_not_one_it_asked_wrongly(tmp_path):
+    pq.write_table(_table(["a", "b"]), tmp_path / "0.parquet")
+    path = tmp_path / "1.parquet"
+    pq.write_table(pa.table({"id": [f"row-{i}" for i in range(2000)], "value": list(range(2000))}), path,
+                   compression="zstd")
+    data = bytearray(path.read_bytes())
+    data[100:400] = b"\xff" * 300  # inside the first data page; the footer still reads
+    path.write_bytes(bytes(data))
+    pq.read_metadata(path)
+    assert sorted(read_shards(tmp_path)["id"].to_pylist()) == ["a", "b"]
+    assert not path.exists() and len([p for p in tmp_path.iterdir() if "unreadable" in p.name]) == 1
+    # A good shard read for a column it does not have is an error of the caller, not of the file.
+    with pytest.raises(Exception):
+        read_shards(tmp_path, ["no_such_column"])
+    assert (tmp_path / "0.parquet").exists()
+
+
+def test_an_unreadable_manifest_is_quarantined_and_the_stage_redone(tmp_path):
+    write_manifest(tmp_path, "eval", "h", time.time())
+    (tmp_path / "manifest.json").write_text('{"stage": "eval", "config_ha')  # cut short
+    assert read_manifest(tmp_path) is None and not is_done(tmp_path, "h")
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["manifest.json.unreadable"]
+
+
+def test_manifests_shards_and_markers_are_fsynced_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                  real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b))[1])
+    folder = tmp_path / "stage"
+    begin_stage(folder, "h")
+    write_table_atomic(_table(["a"]), folder / "part.parquet")
+    write_manifest(folder, "stage", "h", time.time())
+    for name in (".config_hash", "part.parquet", "manifest.json"):
+        final = str(folder / name)
+        replace = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == final)
+        tmp = events[replace][1]
+        assert ("fsync", tmp) in events[:replace], name  # the data is on disk before the rename
+        assert ("fsync", str(folder)) in events[replace:], name  # and the rename itself after it
 
 
 def test_read_shards_concatenates_and_selects(tmp_path):
