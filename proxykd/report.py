@@ -128,16 +128,14 @@ class Report:
     def upstream(self) -> None:
         """prompts → teacher → align → logits as `proxykd run` does, and the unaligned proxy's logits."""
         cfg = self.cfg
-        self.manifests = self._timed("prompts, teacher, align, logits (aligned proxy)", lambda: pipeline.run(
-            cfg, ("prompts", "teacher", "align", "logits")))
+        self.manifests = pipeline.run(cfg, ("prompts", "teacher", "align", "logits"))
         self.prompts, prompts_hash, content_hash = pipeline.run_prompts(cfg)
         self.responses = teacher.answers(cfg.teacher, self.prompts, artifacts.stage_dir(cfg.run_dir, "teacher"))
         self.proxy_init, self.student_init = pipeline.initial_models(cfg)
         self.proxy_aligned = self.manifests["align"]["model"]
         sub = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir) / "unaligned")})
         unaligned_hash = fingerprint("unaligned", self.proxy_init, prompts_hash, self.manifests["teacher"]["responses_hash"])
-        self.unaligned_manifest = self._timed("logits (unaligned proxy)", lambda: logits.run(
-            sub, self.prompts, self.responses, self.proxy_init, unaligned_hash))
+        self.unaligned_manifest = logits.run(sub, self.prompts, self.responses, self.proxy_init, unaligned_hash)
         self.logits_dirs = {"aligned": artifacts.stage_dir(cfg.run_dir, "logits"),
                             "unaligned": artifacts.stage_dir(sub.run_dir, "logits")}
         self.hash = fingerprint(self.manifests["logits"]["config_hash"], self.unaligned_manifest["config_hash"],
@@ -219,13 +217,13 @@ class Report:
                   "proxykd-unweighted": (alpha, lr)}
         models = {"student-untrained": self.student_init}
         settings = {}
-        for arm, (a, lr) in chosen.items():
-            for i, seed in enumerate(rc.seeds):
-                if i and arm not in ("blackbox-kd", "proxykd"):
-                    continue  # further seeds retrain b and e only
-                key = arm if i == 0 else f"{arm}@seed{seed}"
-                models[key] = self.train(arm, a, lr, seed, rows)
-                settings[key] = {"alpha": a, "lr": lr, "seed": seed, "dir": str(Path(models[key]).parent)}
+        # a–e at the first seed, then b and e at each further seed
+        runs = [(arm, seed, arm) for arm in chosen for seed in rc.seeds[:1]]
+        runs += [(arm, seed, f"{arm}@seed{seed}") for seed in rc.seeds[1:] for arm in ("blackbox-kd", "proxykd")]
+        for arm, seed, key in sorted(runs, key=lambda r: (r[2] != r[0], list(ARMS).index(r[0]))):
+            a, lr = chosen[arm]
+            models[key] = self.train(arm, a, lr, seed, rows)
+            settings[key] = {"alpha": a, "lr": lr, "seed": seed, "dir": str(Path(models[key]).parent)}
         references = {"proxy-aligned": self.proxy_aligned, "proxy-unaligned": self.proxy_init, "teacher": "teacher"}
 
         results = {key: self.results(key, path, "eval", eval_rows) for key, path in {**models, **references}.items()}
@@ -256,7 +254,8 @@ class Report:
             "differences": differences,
             "alignment": {"points": self.manifests["align"].get("alignment", []),
                           "selected": self.manifests["align"].get("selected")},
-            "timings_s": {**stage_seconds(cfg, self.manifests, self.unaligned_manifest), **self.timings},
+            # stage times from their manifests (the run that did the work), then this report's own parts
+            "timings_s": {**stage_seconds(cfg, self.unaligned_manifest), **self.timings},
             "final_train_step": {key: (c[-1] if c else None) for key, c in curves.items()},
         }
         plot_accuracy(report["arms"], self.folder / "accuracy.png")
@@ -306,7 +305,7 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}"
 
 
-def stage_seconds(cfg: RunConfig, manifests: dict, unaligned: dict) -> dict[str, float]:
+def stage_seconds(cfg: RunConfig, unaligned: dict) -> dict[str, float]:
     out = {}
     for stage in ("prompts", "teacher", "align", "logits"):
         m = artifacts.read_manifest(artifacts.stage_dir(cfg.run_dir, stage)) or {}
@@ -317,6 +316,13 @@ def stage_seconds(cfg: RunConfig, manifests: dict, unaligned: dict) -> dict[str,
 
 # ---------------------------------------------------------------- output ----
 
+def arm_order(key: str) -> tuple:
+    """a–e, then the further seeds, then the references (report.json keeps its keys sorted)."""
+    base = key.split("@")[0]
+    names = list(ARMS) + list(REFERENCES)
+    return (base in REFERENCES, "@" in key, names.index(base) if base in names else len(names), key)
+
+
 def _fmt(v, digits=3):
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -324,7 +330,7 @@ def _fmt(v, digits=3):
 def markdown_table(report: dict) -> str:
     lines = ["| arm | accuracy | 95% interval | right / items | teacher ll/token | teacher top-1 | α | lr | seed |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for key, a in report["arms"].items():
+    for key, a in sorted(report["arms"].items(), key=lambda kv: arm_order(kv[0])):
         base = key.split("@")[0]
         name = ARMS[base][0] if base in ARMS else REFERENCES.get(base, key)
         if "@" in key:
@@ -347,12 +353,13 @@ def render_markdown(report: dict) -> str:
     selected = report["alignment"].get("selected")
     tasks = sorted({t for a in report["arms"].values() for t in a["per_task"]})
     per_task = ["| arm | " + " | ".join(tasks) + " |", "|" + " --- |" * (len(tasks) + 1)]
-    for key, a in report["arms"].items():
+    for key, a in sorted(report["arms"].items(), key=lambda kv: arm_order(kv[0])):
         per_task.append(f"| {key} | " + " | ".join(_fmt(a["per_task"].get(t)) for t in tasks) + " |")
     dev = ["| arm | α | lr | dev accuracy | dev teacher ll |", "| --- | --- | --- | --- | --- |"]
     for c in report["hyperparameters"]["dev"]:
         dev.append(f"| {c['arm']} | {c['alpha']:g} | {c['lr']:g} | {c['accuracy']:.3f} | {_fmt(c['teacher_ll'])} |")
     times = ["| part | seconds |", "| --- | --- |"] + [f"| {k} | {_fmt(v, 0)} |" for k, v in report["timings_s"].items()]
+    times.append(f"| all of the above | {_fmt(sum(v or 0 for v in report['timings_s'].values()), 0)} |")
     d = report["data"]
     return "\n".join([
         "# proxykd report: Proxy-KD against black-box KD", "",
@@ -373,7 +380,8 @@ def render_markdown(report: dict) -> str:
         f"Handed on to the logits stage: {selected['model'] if selected else 'the last round'}.", "",
         "## Hyperparameters picked on the dev split", "",
         *(dev if len(dev) > 2 else ["One candidate each: nothing was swept."]), "",
-        f"Chosen: {report['hyperparameters']['chosen']}", "",
+        "Chosen: " + "; ".join(f"{arm} α = {c['alpha']:g}, lr = {c['lr']:g}"
+                               for arm, c in report["hyperparameters"]["chosen"].items()), "",
         "## Training curves", "", "![curves](curves.png)", "",
         "## Where the time went", "", *times, "",
     ])
@@ -385,7 +393,7 @@ def plot_accuracy(arms: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(arms)
+    names = sorted(arms, key=arm_order)
     acc = np.array([arms[n]["accuracy"] for n in names])
     err = np.array([[arms[n]["accuracy"] - arms[n]["lo"] for n in names], [arms[n]["hi"] - arms[n]["accuracy"] for n in names]])
     colors = ["tab:gray" if n.split("@")[0] in REFERENCES or n == "student-untrained"
@@ -413,7 +421,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
         if any("kl" in r for r in rows):
             ax2.plot(steps, [r.get("kl", math.nan) for r in rows], label=key)
     ax1.set_title("NLL of the teacher's answer (training batches)")
-    ax2.set_title("KL(proxy ‖ student) over the top-k (KD arms)")
+    ax2.set_title("KL(proxy ‖ student) over the top-k, as trained (× w when weighted)")
     for ax in (ax1, ax2):
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=7)

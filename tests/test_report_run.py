@@ -3,7 +3,6 @@ steps, hyperparameters picked on dev only, the same eval items for every arm, th
 the plots, resume). The real-model figures come from `configs/report.yaml` (README, "Figures")."""
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,11 +26,13 @@ def done(tmp_path_factory, local_ray):
                         {"name": "syllogism", "size": 40}],
               "eval_fraction": 0.2, "dev_fraction": 0.15, "split_by": "question",
               "split": {"warmup": 0.2, "proxy": 0.4, "student": 0.4}},
-        align={"rounds": 0, "max_length": 256, "warmup": {"epochs": 1, "batch_size": 8}},
+        # no DPO rounds, nothing held out: the stage's own tests cover them, and each costs a vLLM engine
+        align={"rounds": 0, "heldout_fraction": 0.0, "max_length": 256, "warmup": {"epochs": 1, "batch_size": 8}},
         logits={"top_k": 5, "batch_size": 16, "max_length": 256},
         distill={"train": {"epochs": 1, "batch_size": 8}},
         eval={"max_tokens": 8},
-        report={"seeds": [0, 1], "lrs": [1e-3, 3e-3], "alphas": [1.0], "bootstrap_samples": 300},
+        # one seed: each further seed adds two trainings and two vLLM engines (the real report runs two)
+        report={"seeds": [0], "lrs": [1e-3, 3e-3], "alphas": [1.0], "bootstrap_samples": 300},
     ))
     manifest = report.run(cfg)
     return cfg, manifest, run_dir / "report"
@@ -42,14 +43,14 @@ def test_every_arm_is_reported_on_the_same_eval_items(done):
     rep = json.loads((folder / "report.json").read_text())
     arms = set(rep["arms"])
     assert set(report.ARMS) | set(report.REFERENCES) <= arms
-    assert {"blackbox-kd@seed1", "proxykd@seed1"} <= arms
     ids = {k: set(pq.read_table(folder / "results" / "eval" / f"{k}.parquet")["id"].to_pylist()) for k in arms}
     assert len({frozenset(v) for v in ids.values()}) == 1 and rep["data"]["eval_items"] == len(ids["proxykd"])
     for key, a in rep["arms"].items():
         assert 0 <= a["lo"] <= a["accuracy"] <= a["hi"] <= 1 and a["n"] == rep["data"]["eval_items"]
     assert rep["arms"]["teacher"]["accuracy"] == 1.0  # the local teacher answers from the references
-    for name in ("proxykd − blackbox-kd", "proxykd − proxykd-unaligned", "proxykd − proxykd-unweighted",
-                 "proxykd@seed1 − blackbox-kd@seed1"):
+    assert set(rep["differences"]) == {"proxykd − blackbox-kd", "proxykd − proxykd-unaligned",
+                                       "proxykd − proxykd-unweighted"}
+    for name in rep["differences"]:
         d = rep["differences"][name]
         assert d["lo"] <= d["diff"] <= d["hi"] and d["items"] == rep["data"]["eval_items"]
     assert "always right" in rep["teacher"]["note"]
@@ -63,14 +64,12 @@ def test_arms_train_on_the_same_rows_steps_and_batches(done):
     cfg, _, folder = done
     rep = json.loads((folder / "report.json").read_text())
     seed0 = [k for k in report.ARMS if k != "student-untrained"]
-    batches = {k: [r["batch"] for r in training.read_metrics(folder / "arms" / k / os.path.basename(rep["arms"][k]["dir"]))]
-               for k in seed0}
+    batches = {k: [r["batch"] for r in training.read_metrics(Path(rep["arms"][k]["dir"]))] for k in seed0}
     assert len({tuple(b) for b in batches.values()}) == 1 and batches["proxykd"]  # same rows, order, steps
     assert {rep["arms"][k]["lr"] for k in seed0} == {rep["hyperparameters"]["chosen"]["blackbox-kd"]["lr"]}
-    kl = training.read_metrics(folder / "arms" / "proxykd" / os.path.basename(rep["arms"]["proxykd"]["dir"]))
-    assert all("kl" in r for r in kl)
-    other = training.read_metrics(folder / "arms" / "proxykd" / os.path.basename(rep["arms"]["proxykd@seed1"]["dir"]))
-    assert [r["batch"] for r in other] != batches["proxykd"]  # another seed, another order
+    for arm in ("proxykd", "proxykd-unaligned", "proxykd-unweighted"):
+        assert all("kl" in r for r in training.read_metrics(Path(rep["arms"][arm]["dir"])))
+    assert not any("kl" in r for r in training.read_metrics(Path(rep["arms"]["blackbox-kd"]["dir"])))
 
 
 def test_hyperparameters_are_picked_on_dev_items_that_are_not_eval_items(done):
