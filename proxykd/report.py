@@ -24,6 +24,7 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -104,11 +105,7 @@ def pick_best(candidates: list[dict]) -> dict:
     def key(c):
         ll = c.get("teacher_ll")
         return (c["accuracy"], -math.inf if ll is None or math.isnan(ll) else ll)
-    best = candidates[0]
-    for c in candidates[1:]:
-        if key(c) > key(best):
-            best = c
-    return best
+    return max(candidates, key=key)  # the first of equal maxima
 
 
 # ---------------------------------------------------------------- the run ----
@@ -117,13 +114,19 @@ class Report:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.folder = artifacts.stage_dir(cfg.run_dir, "report")
-        self.timings: dict[str, float] = {}
 
     def _timed(self, key: str, fn):
+        """Run `fn`, adding its seconds to `key` in timings.json (kept across a resumed report)."""
         t0 = time.time()
         out = fn()
-        self.timings[key] = round(self.timings.get(key, 0.0) + time.time() - t0, 1)
+        timings = self._timings()
+        timings[key] = round(timings.get(key, 0.0) + time.time() - t0, 1)
+        artifacts.write_json_atomic(self.folder / "timings.json", timings)
         return out
+
+    def _timings(self) -> dict[str, float]:
+        path = self.folder / "timings.json"
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def upstream(self) -> None:
         """prompts → teacher → align → logits as `proxykd run` does, and the unaligned proxy's logits."""
@@ -255,7 +258,7 @@ class Report:
             "alignment": {"points": self.manifests["align"].get("alignment", []),
                           "selected": self.manifests["align"].get("selected")},
             # stage times from their manifests (the run that did the work), then this report's own parts
-            "timings_s": {**stage_seconds(cfg, self.unaligned_manifest), **self.timings},
+            "timings_s": {**stage_seconds(cfg, self.unaligned_manifest), **self._timings()},
             "final_train_step": {key: (c[-1] if c else None) for key, c in curves.items()},
         }
         plot_accuracy(report["arms"], self.folder / "accuracy.png")
