@@ -23,10 +23,13 @@ From a shell (FILE has one {"prompt": ..., "response": ...} object per line):
 
 Real APIs are slow and fail; `Faults` makes this server do the same, at given rates: latency,
 429 with `Retry-After`, 500/503, requests that hang past the client's timeout, truncated JSON
-bodies and empty content. The server counts what it received (`request_count`, `fault_counts`)
-and what it *billed*: a request answered cleanly (200 with content) is billed once per request
-body, and `billed` maps each body's hash to how often it was billed, so a test can show that no
-paid request was sent twice.
+bodies, empty content, connections dropped mid-body; answers that are final but unusable (cut
+off with finish_reason "length", "content_filter", refusals with content null), one empty sample
+among n, and 429 `insufficient_quota` (the account is out of credit). The server counts what it
+received (`request_count`, `fault_counts`) and what it *billed*: a request answered with content
+(cleanly, or with a final but unusable answer) is billed once per request body, and `billed` maps
+each body's hash to how often it was billed, so a test can show that no paid request was sent
+twice; `samples_billed` counts the non-empty samples delivered per prompt.
 
     with LocalTeacher(table, faults=Faults(latency_s=0.1, rate_limit=0.05, server_error=0.05)) as t:
         ...
@@ -39,6 +42,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import re
 import socket
@@ -112,6 +116,17 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def _get_text(choice: dict) -> Optional[str]:
+    return choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+def _set_text(choice: dict, text: Optional[str]) -> None:
+    if "message" in choice:
+        choice["message"]["content"] = text
+    else:
+        choice["text"] = text
+
+
 def load_responses(path: str | Path) -> dict[str, str]:
     """Read a JSONL file of {"prompt": str, "response": str} objects (blank lines are skipped; a
     repeated prompt keeps its last response)."""
@@ -148,9 +163,15 @@ class Faults:
     truncated_json: float = 0.0  # 200 with the JSON body cut in half
     empty_content: float = 0.0  # 200 with content "" (a real API bills these)
     seed: int = 0
+    length: float = 0.0  # 200, every answer cut in half with finish_reason "length"
+    content_filter: float = 0.0  # 200, every answer cut in half with finish_reason "content_filter"
+    refusal: float = 0.0  # 200, content null with a `refusal` message (text null on /completions)
+    empty_sample: float = 0.0  # 200, the last of the n samples has content "" (the others are good)
+    insufficient_quota: float = 0.0  # 429 insufficient_quota, no Retry-After: out of credit
+    dropped: float = 0.0  # 200 status and headers, then the connection closes mid-body
 
     def __post_init__(self):
-        rates = (self.rate_limit, self.server_error, self.timeout, self.truncated_json, self.empty_content)
+        rates = tuple(getattr(self, name) for name in FAULTS)
         if any(r < 0 for r in rates) or sum(rates) > 1:
             raise ValueError(f"fault rates must be >= 0 and sum to at most 1, got {rates}")
         if min(self.latency_s, self.latency_jitter_s, self.retry_after_s, self.hang_s) < 0:
@@ -158,11 +179,24 @@ class Faults:
 
     def draw(self, u: float) -> Optional[str]:
         """The fault for a uniform draw `u` in [0, 1), or None for a clean answer."""
-        for name in ("rate_limit", "server_error", "timeout", "truncated_json", "empty_content"):
+        for name in FAULTS:
             u -= getattr(self, name)
             if u < 0:
                 return name
         return None
+
+
+# Drawn in this order (new ones last, so that a seed draws the same faults as before).
+FAULTS = ("rate_limit", "server_error", "timeout", "truncated_json", "empty_content",
+          "length", "content_filter", "refusal", "empty_sample", "insufficient_quota", "dropped")
+FINAL_FAULTS = {"length": "length", "content_filter": "content_filter", "refusal": "stop"}  # -> finish_reason
+
+
+class _DroppedConnectionNoise(logging.Filter):
+    """uvicorn logs a traceback for each connection `dropped` closes on purpose; drop that record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "shorter than Content-Length" in str(record.exc_info[1]))
 
 
 # ----------------------------------------------------------------------------- request schemas
@@ -249,7 +283,8 @@ class LocalTeacher:
         self.faults = faults or Faults()
         self._random = random.Random(self.faults.seed)
         self.fault_counts: Counter = Counter()  # fault name -> requests that drew it
-        self.billed: Counter = Counter()  # request body hash -> clean answers to it
+        self.billed: Counter = Counter()  # request body hash -> answers to it with content
+        self.samples_billed: Counter = Counter()  # prompt -> non-empty samples delivered in billed answers
         self.received: Counter = Counter()  # prompt (lookup key or completion prompt) -> requests
         self.arrivals: list[float] = []  # time.monotonic() of each completion request
         self.model = model
@@ -294,6 +329,9 @@ class LocalTeacher:
             lifespan="off",
             timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S / 2,
         )
+        error_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _DroppedConnectionNoise) for f in error_log.filters):
+            error_log.addFilter(_DroppedConnectionNoise())
         server = uvicorn.Server(config)
         self._socket, self._server, self._thread_error = sock, server, None
         self._thread = threading.Thread(target=self._serve, name=f"local-teacher:{port}", daemon=True)
@@ -359,7 +397,8 @@ class LocalTeacher:
         with self._lock:
             t = self.arrivals
             return {"requests": self._request_count, "faults": dict(self.fault_counts),
-                    "billed": sum(self.billed.values()), "span_s": t[-1] - t[0] if len(t) > 1 else 0.0}
+                    "billed": sum(self.billed.values()), "samples_billed": sum(self.samples_billed.values()),
+                    "span_s": t[-1] - t[0] if len(t) > 1 else 0.0}
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -427,26 +466,42 @@ class LocalTeacher:
         if fault == "rate_limit":
             raise TeacherError(429, "Rate limit reached (injected).", type="rate_limit_exceeded",
                                code="rate_limit_exceeded", headers={"Retry-After": f"{faults.retry_after_s:g}"})
+        if fault == "insufficient_quota":
+            raise TeacherError(429, "You exceeded your current quota, please check your plan and billing details "
+                               "(injected).", type="insufficient_quota", code="insufficient_quota")
         if fault == "server_error":
             status = 500 if self._random.random() < 0.5 else 503
             raise TeacherError(status, "The server had an error (injected).", type="server_error")
         if fault == "timeout":
             await asyncio.sleep(faults.hang_s)
         result = answer(body)
+        if fault == "timeout":  # (answered after the client gave up: never read, not counted as billed)
+            return result
         if fault == "truncated_json":
             raw = json.dumps(result).encode()
             return Response(raw[: len(raw) // 2], media_type="application/json")
+        if fault == "dropped":
+            raw = json.dumps(result).encode()  # (the server ran the request; the client never reads it)
+            return Response(raw[: len(raw) // 2], media_type="application/json",
+                            headers={"content-length": str(len(raw))})
+        choices = result["choices"]
         if fault == "empty_content":
-            for choice in result["choices"]:
-                if "message" in choice:
-                    choice["message"]["content"] = ""
-                else:
-                    choice["text"] = ""
+            for choice in choices:
+                _set_text(choice, "")
             return result
-        if fault is None:
-            key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-            with self._lock:
-                self.billed[key] += 1
+        if fault == "empty_sample":
+            _set_text(choices[-1], "")
+        if fault in FINAL_FAULTS:
+            for choice in choices:
+                text = _get_text(choice)
+                _set_text(choice, None if fault == "refusal" else " ".join(text.split()[: len(text.split()) // 2]))
+                choice["finish_reason"] = FINAL_FAULTS[fault]
+                if fault == "refusal" and "message" in choice:
+                    choice["message"]["refusal"] = "I can't help with that. (injected)"
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        with self._lock:
+            self.billed[key] += 1
+            self.samples_billed[prompt] += sum(1 for c in choices if _get_text(c))
         return result
 
     def _model_card(self) -> dict:
@@ -524,6 +579,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         ("hang_s", "how long a 'timeout' request hangs"),
         ("truncated_json", "fraction answered with a truncated JSON body"),
         ("empty_content", "fraction answered with empty content"),
+        ("length", "fraction answered cut off (finish_reason length)"),
+        ("content_filter", "fraction answered cut off (finish_reason content_filter)"),
+        ("refusal", "fraction answered with a refusal (content null)"),
+        ("empty_sample", "fraction with the last of their n samples empty"),
+        ("insufficient_quota", "fraction answered 429 insufficient_quota"),
+        ("dropped", "fraction whose connection closes mid-body"),
     ]:
         default = getattr(Faults(), name)
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=default,
@@ -536,8 +597,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(str(e))
     try:
         faults = Faults(**{name: getattr(args, name) for name in (
-            "latency_s", "latency_jitter_s", "rate_limit", "retry_after_s", "server_error", "timeout",
-            "hang_s", "truncated_json", "empty_content")})
+            "latency_s", "latency_jitter_s", "retry_after_s", "hang_s", *FAULTS)})
     except ValueError as e:
         parser.error(str(e))
     teacher = LocalTeacher(responses, model=args.model, host=args.host, port=args.port,

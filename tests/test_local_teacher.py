@@ -311,6 +311,8 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Count to five.
         (Faults(server_error=1.0), openai.InternalServerError),
         (Faults(timeout=1.0, hang_s=2.0), openai.APITimeoutError),
         (Faults(truncated_json=1.0), json.JSONDecodeError),
+        (Faults(insufficient_quota=1.0), openai.RateLimitError),
+        (Faults(dropped=1.0), openai.APIConnectionError),
     ],
 )
 def test_each_fault_reaches_the_client_as_a_real_api_would_send_it(faults, error):
@@ -320,6 +322,10 @@ def test_each_fault_reaches_the_client_as_a_real_api_would_send_it(faults, error
             c.chat.completions.create(**CHAT)
         if faults.rate_limit:
             assert info.value.response.headers["retry-after"] == "7"
+        if faults.insufficient_quota:  # what tells it apart from a rate limit
+            assert info.value.code == "insufficient_quota" and "retry-after" not in info.value.response.headers
+        if faults.dropped:
+            assert "incomplete" in str(info.value.__cause__) or "peer closed" in str(info.value.__cause__)
         assert t.request_count == 1 and sum(t.fault_counts.values()) == 1 and not t.billed
         assert t.received["Count to five."] == 1
 
@@ -331,6 +337,29 @@ def test_empty_content_and_latency():
         resp = c.chat.completions.create(**CHAT)
         assert time.monotonic() - start >= 0.3
         assert resp.choices[0].message.content == "" and t.fault_counts["empty_content"] == 1 and not t.billed
+
+
+@pytest.mark.parametrize("fault, finish_reason", [("length", "length"), ("content_filter", "content_filter"),
+                                                  ("refusal", "stop")])
+def test_final_but_unusable_answers_are_billed_answers(fault, finish_reason):
+    with LocalTeacher(TABLE, faults=Faults(**{fault: 1.0})) as t, openai.OpenAI(
+            base_url=t.base_url, api_key="x", max_retries=0) as c:
+        msg = c.chat.completions.create(**CHAT).choices[0]
+        text = c.completions.create(model=MODEL, prompt="Count to five.").choices[0]
+        assert msg.finish_reason == text.finish_reason == finish_reason
+        if fault == "refusal":
+            assert msg.message.content is None and text.text is None and "can't help" in msg.message.refusal
+        else:  # cut in half
+            assert msg.message.content == text.text == "one two"
+        assert t.fault_counts[fault] == 2 and sorted(t.billed.values()) == [1, 1]
+
+
+def test_one_empty_sample_among_n():
+    with LocalTeacher(TABLE, faults=Faults(empty_sample=1.0)) as t, openai.OpenAI(
+            base_url=t.base_url, api_key="x", max_retries=0) as c:
+        resp = c.chat.completions.create(**CHAT, n=3)
+        assert [ch.message.content for ch in resp.choices] == ["one two three four five"] * 2 + [""]
+        assert list(t.billed.values()) == [1] and t.samples_billed["Count to five."] == 2
 
 
 def test_fault_rates_are_drawn_per_request_and_clean_answers_are_billed_once_per_body():
