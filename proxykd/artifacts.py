@@ -160,7 +160,7 @@ def quarantine(path: Path, why: object) -> Path:
         n += 1
     os.replace(path, target)
     fsync_dir(path.parent)
-    log.warning("%s is unreadable (%s): kept as %s, its rows are redone", path, str(why)[:200], target.name)
+    log.warning("%s is unreadable (%s): kept as %s", path, str(why)[:200], target.name)
     return target
 
 

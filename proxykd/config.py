@@ -144,6 +144,17 @@ class TeacherConfig(_Strict):
     max_total_tokens: Optional[int] = Field(None, gt=0, description="the same budget in tokens")
     progress_every_s: float = Field(10.0, gt=0)
 
+    @model_validator(mode="after")
+    def _budget_needs_prices(self):
+        # With both prices 0 every call costs $0 and the budget would never stop anything.
+        if self.max_cost is not None and not (self.price_per_million_prompt_tokens
+                                              or self.price_per_million_completion_tokens):
+            raise ValueError("teacher.max_cost needs the provider's prices: set "
+                             "teacher.price_per_million_prompt_tokens and price_per_million_completion_tokens "
+                             "(with both 0 every call costs $0 and the budget never stops the stage), "
+                             "or budget in tokens with teacher.max_total_tokens")
+        return self
+
 
 class LoraConfig(_Strict):
     """Train LoRA adapters (peft) instead of all weights; the saved model has them merged in."""

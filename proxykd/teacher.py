@@ -10,9 +10,11 @@ This is where users spend money, so the stage is built around three rules:
   together respect `requests_per_minute` and `tokens_per_minute`, pauses everyone when the API
   answers 429 with `Retry-After`, and holds the spend budget (`max_cost`, `max_total_tokens`).
 - **Failures are data.** A request that still fails after its retries becomes a row with its `id`
-  and `error`, is kept out of training, counted in the manifest and retried on the next run. A
-  prompt that cannot be sent (malformed, empty, over-long) is rejected with its `id` before any
-  call. Only a wrong setup (bad key, unknown model or endpoint) stops the stage at once.
+  and `error`, is kept out of training, counted in the manifest and retried on the next run. An
+  answer that is final but unusable (cut off at `max_tokens`, filtered, a refusal with no content)
+  is stored, rejected with its id and reason, and never asked again. A prompt that cannot be sent
+  (malformed, empty, over-long) is rejected with its `id` before any call. Only a wrong setup (bad
+  key, unknown model or endpoint, no quota left) stops the stage at once.
 
 Ray Data feeds the prompts to `num_actors` `TeacherCaller` actors, each an async `openai` client
 with `concurrency` requests in flight.
@@ -39,6 +41,7 @@ import pyarrow.compute as pc
 from proxykd import artifacts
 from proxykd.config import TeacherConfig, fingerprint
 from proxykd.data import MESSAGES_TYPE, teacher_style_response
+from proxykd.encode import sample_id
 
 log = logging.getLogger("proxykd")
 
@@ -59,6 +62,11 @@ TEACHER_SCHEMA = pa.schema(
 )
 JOURNAL_GLOB = "journal-*.jsonl"
 ROLES = {"system", "user", "assistant"}
+# `error` of a stored row that is not an answer, by prefix:
+FINAL = "final: "  # the API answered, unusably (cut off, filtered, refused): never asked again
+BILLED_ATTEMPT = "billed attempt: "  # an attempt that may be billed but gave no answer (its usage)
+JOURNAL_FSYNC_EVERY_S = 1.0
+OK_FINISH_REASONS = {"stop"}  # anything else (length, content_filter, tool_calls, ...) is final
 
 
 # ------------------------------------------------------------------------- requests and keys
@@ -132,6 +140,25 @@ def retry_after_s(headers) -> Optional[float]:
             except ValueError:
                 pass
     return None
+
+
+def sample_outcome(text: Optional[str], finish_reason: Optional[str],
+                   refusal: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """What one returned sample is: ("ok", None); ("final", why): the API answered and asking again
+    would buy the same unusable answer (never trained on, never asked again); or ("retry", why):
+    an empty answer, asked again (alone, not with the samples that came back good)."""
+    if text is None:  # a refusal (`message.refusal`) or a filtered answer with no content at all
+        return "final", f"refused (content null, finish_reason={finish_reason})" + (f": {refusal}" if refusal else "")
+    if finish_reason not in OK_FINISH_REASONS:
+        what = "cut off at teacher.max_tokens" if finish_reason == "length" else "not a finished answer"
+        return "final", f"finish_reason={finish_reason} ({what})"
+    if not text.strip():
+        return "retry", "empty answer"
+    return "ok", None
+
+
+def is_final(error: Optional[str]) -> bool:
+    return error is not None and error.startswith(FINAL)
 
 
 # --------------------------------------------------------------------------- the governor
@@ -223,9 +250,14 @@ class TeacherSetupError(RuntimeError):
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, wait: Optional[float] = None, usage=None, rate_limited=False):
+    """An attempt to ask again. `usage`: what the API reported it cost; `maybe_billed`: it reported
+    nothing but may bill it (a timeout, a dropped connection, a body cut short), so it is counted at
+    its worst case."""
+
+    def __init__(self, message: str, wait: Optional[float] = None, usage=None, rate_limited=False,
+                 maybe_billed=False):
         super().__init__(message)
-        self.wait, self.usage, self.rate_limited = wait, usage, rate_limited
+        self.wait, self.usage, self.rate_limited, self.maybe_billed = wait, usage, rate_limited, maybe_billed
 
 
 def _usage(resp) -> tuple[int, int]:
@@ -266,15 +298,26 @@ class TeacherCaller:
         self.params = sampling_params(self.cfg)
         self.governor = governor
         self.journal = open(Path(folder) / f"journal-{uuid.uuid4().hex}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        artifacts.fsync_dir(Path(folder))  # (the journal's name, so that a machine crash keeps the file)
+        self.synced_at = time.monotonic()
         self.rng = random.Random()
         self.paused_until = 0.0
         self.setup_error: Optional[TeacherSetupError] = None
         self.loop = asyncio.new_event_loop()
 
     def _write(self, rows: list[dict]) -> None:
-        # One line per sample, flushed at once: a kill -9 loses at most the calls in flight.
+        # One line per sample, flushed at once: a kill -9 loses at most the calls in flight. On disk
+        # (fsync) at the end of each batch, before the driver counts it, and every
+        # JOURNAL_FSYNC_EVERY_S in between, so that a machine crash loses at most that much; in a
+        # thread, since an fsync on a busy or network disk would hold every request of the loop.
         self.journal.write("".join(json.dumps(r) + "\n" for r in rows))
         self.journal.flush()
+        if time.monotonic() - self.synced_at >= JOURNAL_FSYNC_EVERY_S:
+            self.synced_at = time.monotonic()
+            self.loop.run_in_executor(None, os.fsync, self.journal.fileno())
+
+    def _sync(self) -> None:
+        os.fsync(self.journal.fileno())
 
     async def _wait_turn(self, est_tokens: int, est_cost: float) -> bool:
         """Sleep until this attempt may be sent; False when the budget is spent."""
@@ -292,6 +335,8 @@ class TeacherCaller:
             self.governor.settle.remote(est_tokens, est_cost, *usage)
 
     async def _send(self, messages: list[dict], n: int):
+        """One request for `n` samples: (response, [(text, finish_reason, refusal)] per choice)."""
+        import httpx
         import openai
         from openai.types import Completion
         from openai.types.chat import ChatCompletion
@@ -307,37 +352,42 @@ class TeacherCaller:
             if self.cfg.endpoint == "chat":
                 resp = await client.post("/chat/completions", body={**body, "messages": messages},
                                          cast_to=ChatCompletion)
-                texts = [c.message.content for c in resp.choices]
+                samples = [(c.message.content, c.finish_reason, getattr(c.message, "refusal", None))
+                           for c in resp.choices]
             else:
                 resp = await client.post("/completions", body={**body, "prompt": completion_prompt(messages)},
                                          cast_to=Completion)
-                texts = [c.text for c in resp.choices]
+                samples = [(c.text, c.finish_reason, None) for c in resp.choices]
         except openai.RateLimitError as e:
+            if "insufficient_quota" in (e.code, e.type):  # no credit left: every request would get it
+                raise TeacherSetupError(f"the teacher API says the quota is spent (429 insufficient_quota): "
+                                        f"{e.message}") from None
             raise _Retryable(f"429: {e.message}", retry_after_s(e.response.headers), rate_limited=True) from None
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
             raise TeacherSetupError(f"the teacher API refuses this setup ({e.status_code}): {e.message}") from None
         except openai.APIStatusError as e:
+            if e.status_code == 402:  # payment required: the account, not this request
+                raise TeacherSetupError(f"the teacher API refuses this setup (402): {e.message}") from None
             if e.status_code >= 500 or e.status_code in (408, 409):
                 raise _Retryable(f"{e.status_code}: {e.message}", retry_after_s(e.response.headers)) from None
             raise  # another 4xx: this request is wrong, asking again will not help
         except (openai.APIConnectionError, json.JSONDecodeError, openai.APIResponseValidationError) as e:
-            # timeouts, dropped connections, truncated or malformed bodies
-            raise _Retryable(f"{type(e).__name__}: {e}") from None
-        if len(resp.choices) != n or not all(texts):
-            raise _Retryable(f"{sum(1 for t in texts if t)} of {n} samples with content", usage=_usage(resp))
-        return resp, texts
+            # Timeouts, dropped connections, truncated or malformed bodies. Unless the request never
+            # left (no connection), the provider may have run and billed it.
+            sent = not isinstance(e.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+            raise _Retryable(f"{type(e).__name__}: {e}", maybe_billed=sent) from None
+        return resp, samples
 
     async def _ask(self, row: dict, sem: asyncio.Semaphore) -> dict:
-        """All missing samples of one prompt, in one request (n = how many are missing)."""
-        samples = row["samples"]
+        """All missing samples of one prompt, in one request (n = how many are missing); a retry
+        asks only the samples that are still missing."""
         prompt_est = estimate_tokens(row["messages"])
-        est_tokens = prompt_est + self.cfg.max_tokens * len(samples)
-        est_cost = cost(self.cfg, prompt_est, self.cfg.max_tokens * len(samples))
         base = {"id": row["id"], "messages": row["messages"], "model": self.cfg.model, "response": None,
                 "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "error": None}
-        rows = [{**base, "sample_index": k,
-                 "request_key": request_key(self.cfg.model, row["messages"], self.params, k)} for k in samples]
+        pending = [{**base, "sample_index": k,
+                    "request_key": request_key(self.cfg.model, row["messages"], self.params, k)} for k in row["samples"]]
         summary = {"id": row["id"], "outcome": "failed", "error": None, **dict.fromkeys(COUNTERS, 0)}
+        rejected = 0
 
         def billed(pt: int, ct: int) -> None:
             summary["prompt_tokens"] += pt
@@ -347,19 +397,27 @@ class TeacherCaller:
             for attempt in range(self.cfg.max_retries + 1):
                 if self.setup_error:  # another request found the setup wrong: send nothing more
                     raise self.setup_error
+                n = len(pending)
+                est_tokens = prompt_est + self.cfg.max_tokens * n
+                est_cost = cost(self.cfg, prompt_est, self.cfg.max_tokens * n)
                 if not await self._wait_turn(est_tokens, est_cost):
-                    return {**summary, "outcome": "budget"}
+                    return {**summary, "outcome": "budget"}  # (what is pending is asked on the next run)
                 summary["requests"] += 1
                 try:
-                    resp, texts = await self._send(row["messages"], len(samples))
+                    resp, samples = await self._send(row["messages"], n)
                 except _Retryable as e:
-                    usage = e.usage or (0, 0)
+                    usage = e.usage or ((prompt_est, self.cfg.max_tokens * n) if e.maybe_billed else (0, 0))
                     billed(*usage)
                     self._settle(est_tokens, est_cost, usage)
+                    if any(usage):  # on record, so that the budget of the next run counts it too
+                        self._write([{**pending[0], "prompt_tokens": usage[0], "completion_tokens": usage[1],
+                                      "error": f"{BILLED_ATTEMPT}{e} (counted at the worst case)"[:500]}])
+                    summary["error"] = f"after {attempt + 1} attempts: {e}"
                     if attempt == self.cfg.max_retries:
-                        summary["error"] = f"after {attempt + 1} attempts: {e}"
                         break
-                    pause = e.wait if e.wait is not None else backoff_s(
+                    # Retry-After wins over the backoff, up to max_backoff_s (a server asking for an
+                    # hour would otherwise hold every actor for an hour).
+                    pause = min(e.wait, self.cfg.max_backoff_s) if e.wait is not None else backoff_s(
                         attempt, self.cfg.backoff_s, self.cfg.max_backoff_s, self.rng)
                     summary["retries"] += 1
                     if e.rate_limited:
@@ -380,17 +438,33 @@ class TeacherCaller:
                 pt, ct = _usage(resp)
                 billed(pt, ct)
                 self._settle(est_tokens, est_cost, (pt, ct))
-                for i, (r, text, choice, c) in enumerate(zip(rows, texts, resp.choices, _split(ct, len(rows)))):
-                    r.update(response=text, finish_reason=choice.finish_reason,
-                             prompt_tokens=pt if i == 0 else 0, completion_tokens=c)
-                self._write(rows)
-                return {**summary, "outcome": "ok"}
+                done, still = [], []
+                for r, (text, finish_reason, refusal) in zip(pending, samples):
+                    outcome, why = sample_outcome(text, finish_reason, refusal)
+                    if outcome == "retry":
+                        still.append(r)
+                        continue
+                    rejected += outcome == "final"
+                    done.append({**r, "response": text, "finish_reason": finish_reason,
+                                 "error": None if outcome == "ok" else f"{FINAL}{why}"[:500]})
+                still += pending[len(samples):]  # (fewer choices than asked for)
+                # The response's usage goes on the rows it produced (column sums stay what the API
+                # reported); with none, on a row of its own.
+                if not done and (pt or ct):
+                    done = [{**pending[0], "error": f"{BILLED_ATTEMPT}0 of {n} samples with content"}]
+                for i, (r, c) in enumerate(zip(done, _split(ct, len(done)))):
+                    r.update(prompt_tokens=pt if i == 0 else 0, completion_tokens=c)
+                self._write(done)
+                pending = still
+                if not pending:
+                    return {**summary, "outcome": "rejected" if rejected else "ok", "error": None}
+                summary["error"] = f"after {attempt + 1} attempts: {len(still)} of {n} samples empty"
+                if attempt == self.cfg.max_retries:
+                    break
+                summary["retries"] += 1
+                await asyncio.sleep(backoff_s(attempt, self.cfg.backoff_s, self.cfg.max_backoff_s, self.rng))
         summary["error"] = summary["error"][:500]
-        for r in rows:
-            r["error"] = summary["error"]
-        # What failed attempts were billed for (e.g. empty answers) stays on record for the budget.
-        rows[0].update(prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"])
-        self._write(rows)
+        self._write([{**r, "error": summary["error"]} for r in pending])
         return summary
 
     async def _run(self, rows: list[dict]) -> list[dict]:
@@ -403,28 +477,46 @@ class TeacherCaller:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        return pa.Table.from_pylist(self.loop.run_until_complete(self._run(rows)), schema=SUMMARY_SCHEMA)
+        try:
+            return pa.Table.from_pylist(self.loop.run_until_complete(self._run(rows)), schema=SUMMARY_SCHEMA)
+        finally:
+            self._sync()  # what this batch bought is on disk before the driver counts it
 
 
 # ----------------------------------------------------------------------------- storage
 
 
 def compact_journals(folder: Path) -> int:
-    """Fold every journal (including one a killed run left behind) into a Parquet shard, then
-    delete it. A line cut short by a kill is dropped: its request is asked again. Returns rows."""
+    """Fold every journal (including one a killed run left behind) into a Parquet shard. Nothing
+    paid for is lost on the way: the shard is on disk (fsynced) before a journal goes, and a
+    journal with a line that cannot be read (cut short by a crash, damaged) is quarantined, not
+    removed; its readable lines are folded and the requests of the others asked again. Returns
+    the rows folded."""
     journals = sorted(Path(folder).glob(JOURNAL_GLOB))
-    rows = []
+    rows, damaged = [], {}
     for path in journals:
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("teacher: %s:%d is cut short (a killed run); that request is asked again", path.name, lineno)
+                row = json.loads(line)
+                if not (isinstance(row, dict) and isinstance(row.get("request_key"), str)):
+                    raise ValueError("not a journal row")
+            except ValueError:  # (JSON and UTF-8 errors are ValueErrors)
+                damaged[path] = damaged.get(path, 0) + 1
+                log.warning("teacher: %s:%d cannot be read (cut short by a crash?); that request is asked again",
+                            path.name, lineno)
+                continue
+            rows.append(row)
     if rows:
         shard = Path(folder) / f"part-{uuid.uuid4().hex}.parquet"
-        artifacts.write_table_atomic(pa.Table.from_pylist(rows, schema=TEACHER_SCHEMA), shard)
-    for path in journals:  # (a crash before this line leaves duplicates, which readers drop)
-        path.unlink()
+        artifacts.write_table_atomic(pa.Table.from_pylist(rows, schema=TEACHER_SCHEMA), shard)  # (fsynced)
+    for path in journals:  # (a crash before this loop leaves duplicates, which readers drop)
+        if path in damaged:
+            artifacts.quarantine(path, f"{damaged[path]} unreadable lines, the others folded into a shard")
+        else:
+            path.unlink()
+    artifacts.fsync_dir(Path(folder))
     return len(rows)
 
 
@@ -492,6 +584,25 @@ def _spent(cfg: TeacherConfig, table: pa.Table) -> tuple[float, int]:
     return cost(cfg, pt, ct), pt + ct
 
 
+def _final(table: pa.Table) -> dict[str, dict]:
+    """Stored final answers (cut off, filtered, refused) by request_key: never asked again."""
+    rows = table.filter(pc.starts_with(pc.fill_null(table["error"], ""), FINAL))
+    return {r["request_key"]: r for r in rows.select(["request_key", "finish_reason", "error"]).to_pylist()}
+
+
+def _errors(table: pa.Table) -> dict[str, str]:
+    """The error of each failed request_key, a request's own failure before a billed attempt's."""
+    out: dict[str, str] = {}
+    for r in table.filter(pc.is_valid(table["error"])).select(["request_key", "error"]).to_pylist():
+        if r["request_key"] not in out or out[r["request_key"]].startswith(BILLED_ATTEMPT):
+            out[r["request_key"]] = r["error"]
+    return out
+
+
+def _prompts_done(totals: dict) -> int:
+    return totals["ok"] + totals["failed"] + totals["rejected"] + totals["budget"]
+
+
 # ------------------------------------------------------------------------------- the stage
 
 
@@ -542,7 +653,8 @@ def _todo(cfg: TeacherConfig, prompts: pa.Table, keys: list[str],
 
 def _progress(cfg: TeacherConfig, totals: dict, done: int, total: int, started: float) -> str:
     rate = totals["requests"] / max(time.time() - started, 1e-9)
-    return (f"teacher: {done}/{total} prompts | {totals['ok']} ok, {totals['failed']} failed | "
+    return (f"teacher: {done}/{total} prompts | {totals['ok']} ok, {totals['failed']} failed, "
+            f"{totals['rejected']} with rejected answers | "
             f"{totals['requests']} requests ({rate:.1f}/s), {totals['retries']} retries "
             f"({totals['rate_limited']} rate-limited) | tokens {totals['prompt_tokens']:,} in + "
             f"{totals['completion_tokens']:,} out | est. ${cost(cfg, totals['prompt_tokens'], totals['completion_tokens']):.4f}")
@@ -569,7 +681,8 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     compact_journals(folder)  # what a killed run bought
 
     stored = _stored(folder)
-    answered = set(_ok(stored)["request_key"].to_pylist())
+    # (final answers, unusable as they are, count as answered: asking again would buy them again)
+    answered = set(_ok(stored)["request_key"].to_pylist()) | _final(stored).keys()
     keys = request_keys(cfg, prompts)  # n per prompt, prompt by prompt
     todo, rejected, n_samples = _todo(cfg, prompts, keys, answered)
     for r in rejected[:20]:
@@ -580,7 +693,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     governor = None
     if needs_governor(cfg):
         governor = ray.remote(num_cpus=0)(Governor).remote(cfg.model_dump(), *_spent(cfg, stored))
-    totals = {"ok": 0, "failed": 0, "budget": 0, **dict.fromkeys(COUNTERS, 0)}
+    totals = {"ok": 0, "failed": 0, "rejected": 0, "budget": 0, **dict.fromkeys(COUNTERS, 0)}
     stopped = None
     server = _local_teacher(prompts) if cfg.base_url is None else nullcontext()
     try:
@@ -610,8 +723,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
                         totals[name] += int(pc.sum(batch[name]).as_py() or 0)
                     if time.time() - last_log >= cfg.progress_every_s:
                         last_log = time.time()
-                        log.info(_progress(cfg, totals, totals["ok"] + totals["failed"] + totals["budget"],
-                                           todo.num_rows, started))
+                        log.info(_progress(cfg, totals, _prompts_done(totals), todo.num_rows, started))
         if governor is not None:
             stopped = ray.get(governor.status.remote())["stopped"]
     finally:
@@ -619,7 +731,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         if governor is not None:
             ray.kill(governor)
     compact_journals(folder)
-    log.info(_progress(cfg, totals, totals["ok"] + totals["failed"] + totals["budget"], todo.num_rows, started))
+    log.info(_progress(cfg, totals, _prompts_done(totals), todo.num_rows, started))
     if stopped:
         log.warning("teacher: stopped early, %s; %d prompts not asked (they are asked on the next run)",
                     stopped, totals["budget"])
@@ -629,15 +741,24 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     samples: dict[str, int] = {}
     for rid in got["id"].to_pylist():
         samples[rid] = samples.get(rid, 0) + 1
-    errors = {r["request_key"]: r["error"] for r in
-              stored.filter(pc.is_valid(stored["error"])).select(["request_key", "error"]).to_pylist()}
+    errors, final = _errors(stored), _final(stored)
     rejected_ids = {r["id"] for r in rejected}
-    failed, not_asked = [], []
+    failed, not_asked, rejected_answers = [], [], []
+    cut_off = int(pc.sum(pc.equal(got["finish_reason"], "length")).as_py() or 0)  # (stored before they were final)
     for i, rid in enumerate(prompts["id"].to_pylist()):
         if rid in rejected_ids or samples.get(rid, 0) == cfg.n:
             continue
-        error = next((errors[k] for k in keys[i * cfg.n:(i + 1) * cfg.n] if k in errors), None)
+        row_keys = keys[i * cfg.n:(i + 1) * cfg.n]
+        for k, key in enumerate(row_keys):
+            if key in final:
+                rejected_answers.append({"id": sample_id(rid, k), "error": final[key]["error"][len(FINAL):]})
+                cut_off += final[key]["finish_reason"] == "length"
+        if samples.get(rid, 0) + sum(key in final for key in row_keys) == cfg.n:
+            continue  # every sample answered, some unusably: rejected, not asked again
+        error = next((errors[k] for k in row_keys if k in errors), None)
         (failed if error else not_asked).append({"id": rid, "error": error or "not asked: budget reached"})
+    for r in rejected_answers[:20]:
+        log.warning("teacher: %s rejected (a final answer, not asked again): %s", r["id"], r["error"])
     for r in (failed + not_asked)[:20]:
         log.warning("teacher: %s has no response (asked again on the next run): %s", r["id"], r["error"])
     ok = _ok(stored, sorted(set(got["request_key"].to_pylist())))
@@ -653,8 +774,8 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         rows={"prompts": prompts.num_rows, "asked": todo.num_rows, "ok": len(samples) - sum(
                   1 for v in samples.values() if v < cfg.n),
               "samples_ok": got.num_rows, "failed": len(failed), "not_asked": len(not_asked),
-              "rejected": len(rejected),
-              "cut_off": int(pc.sum(pc.equal(got["finish_reason"], "length")).as_py() or 0)},
+              "rejected": len(rejected), "rejected_answers": len(rejected_answers),
+              "cut_off": cut_off},
         failed_ids=[r["id"] for r in failed + not_asked][:1000],
         # What downstream stages hash: changes whenever a retry adds responses.
         responses_hash=fingerprint(sorted(ok["request_key"].to_pylist())),
@@ -667,5 +788,5 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
               "all_stored": round(total_cost, 6),
               "prices_per_million": [cfg.price_per_million_prompt_tokens, cfg.price_per_million_completion_tokens]},
         budget={"max_cost": cfg.max_cost, "max_total_tokens": cfg.max_total_tokens, "stopped": stopped},
-        **artifacts.write_rejected(folder, rejected),
+        **artifacts.write_rejected(folder, rejected + rejected_answers),
     )

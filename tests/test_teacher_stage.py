@@ -83,10 +83,14 @@ def test_failed_calls_are_recorded_then_retried_once(tmp_path, monkeypatch, loca
         ok_files = [f for f in files if pq.read_table(f, columns=["error"])["error"].null_count]
         victim = ok_files[0]
         lost = pq.read_metadata(victim).num_rows
-        victim.write_bytes(victim.read_bytes()[:100])  # a shard cut short by the kill
-        teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
+        cut = victim.read_bytes()[:100]
+        victim.write_bytes(cut)  # a shard cut short by the kill
+        m3 = teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
         assert server.request_count == unique + lost
         assert teacher.responses(folder).num_rows == unique
+        # The reader never deleted it: it is kept, byte for byte, and reported.
+        kept = [p for p in folder.iterdir() if p.name.startswith(victim.name + ".unreadable-")]
+        assert len(kept) == 1 and kept[0].read_bytes() == cut and m3["quarantined"] == [kept[0].name]
 
     # The API key never lands in an artifact, a manifest or Ray's logs.
     import ray
@@ -255,6 +259,90 @@ def test_budget_stops_the_stage_cleanly_and_keeps_what_was_bought(tmp_path, monk
         assert m2["cost"]["all_stored"] > m["cost"]["all_stored"]
 
 
+def test_timeouts_and_dropped_connections_are_counted_at_their_worst_case(tmp_path, monkeypatch, local_ray):
+    """The provider may bill a request whose answer never arrived, so the budget counts it at the
+    worst case it reserved for it: with every call lost, $30 buys 3 tries of $8, not endless free ones."""
+    port = free_port()
+    cfg, prompts, table = _setup(tmp_path, monkeypatch, port)
+    prompts = prompts.slice(0, 8)
+    # $1 per completion token, 8 tokens at most: $8 a call at worst (prompt tokens are free).
+    cfg.teacher = cfg.teacher.model_copy(update={
+        "max_tokens": 8, "price_per_million_completion_tokens": 1e6, "max_cost": 30.0, "max_retries": 5,
+        "timeout_s": 0.5, "backoff_s": 0.05, "max_backoff_s": 0.1, "concurrency": 4})
+    folder = artifacts.stage_dir(cfg.run_dir, "teacher")
+    with LocalTeacher(table, port=port, faults=Faults(timeout=0.5, hang_s=2.0, dropped=0.5, seed=3)) as server:
+        m = teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
+        assert server.request_count == 3 and not server.billed
+        assert server.fault_counts["timeout"] and server.fault_counts["dropped"]
+        assert "max_cost" in m["budget"]["stopped"]
+        assert m["cost"]["this_run"] == m["cost"]["all_stored"] == 24.0
+        stored = teacher._stored(folder)
+        billed = [e for e in stored["error"].to_pylist() if e and e.startswith(teacher.BILLED_ATTEMPT)]
+        assert len(billed) == 3 and all("worst case" in e for e in billed)
+        # The next run's budget starts from what is stored: nothing more can be tried.
+        m2 = teacher.run(cfg.teacher, prompts, "p2", cfg.run_dir)
+        assert server.request_count == 3 and m2["cost"]["all_stored"] == 24.0 and m2["budget"]["stopped"]
+
+
+def test_final_answers_are_rejected_with_their_reason_and_never_asked_again(tmp_path, monkeypatch, local_ray):
+    port = free_port()
+    cfg, prompts, table = _setup(tmp_path, monkeypatch, port)
+    cfg.teacher = cfg.teacher.model_copy(update={"max_retries": 3, "backoff_s": 0.05})
+    folder = artifacts.stage_dir(cfg.run_dir, "teacher")
+    faults = Faults(length=0.15, content_filter=0.1, refusal=0.15, seed=5)
+    with LocalTeacher(table, port=port, faults=faults) as server:
+        m = teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
+        finals = sum(server.fault_counts[f] for f in ("length", "content_filter", "refusal"))
+        assert finals and server.request_count == _unique(cfg, prompts)  # none asked twice
+        assert max(server.billed.values()) == 1
+        rejected = {r["id"]: r["error"] for r in pq.read_table(folder / "rejected.parquet").to_pylist()}
+        by_reason = {f: sum(f in e for e in rejected.values()) for f in ("length", "content_filter", "refused")}
+        # (prompts with identical messages share a request, so each final answer rejects >= 1 id)
+        assert by_reason["length"] >= server.fault_counts["length"] and by_reason["refused"] >= server.fault_counts["refusal"]
+        assert by_reason["content_filter"] >= server.fault_counts["content_filter"]
+        assert m["rows"]["rejected_answers"] == len(rejected) and m["rows"]["failed"] == m["rows"]["not_asked"] == 0
+        assert m["rows"]["ok"] + len(rejected) == prompts.num_rows
+        assert m["rows"]["cut_off"] == by_reason["length"]
+        # never trained on: later stages read `answers`, which has none of them
+        assert not set(teacher.answers(cfg.teacher, prompts, folder)["id"].to_pylist()) & rejected.keys()
+        # and never bought again, even by a run that is not skipped (other prompts hash)
+        m2 = teacher.run(cfg.teacher, prompts, "p2", cfg.run_dir)
+        assert server.request_count == _unique(cfg, prompts) and m2["rows"]["asked"] == 0
+        assert m2["rows"]["rejected_answers"] == len(rejected)
+
+
+def test_one_empty_sample_does_not_buy_the_good_ones_again(tmp_path, monkeypatch, local_ray):
+    port = free_port()
+    cfg, prompts, table = _setup(tmp_path, monkeypatch, port)
+    prompts = prompts.slice(0, 20)
+    cfg.teacher = cfg.teacher.model_copy(update={"n": 3, "max_retries": 8, "backoff_s": 0.02, "max_backoff_s": 0.05})
+    with LocalTeacher(table, port=port, faults=Faults(empty_sample=0.4, seed=2)) as server:
+        m = teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
+        assert server.fault_counts["empty_sample"] >= 3
+        assert m["rows"]["ok"] == prompts.num_rows and m["rows"]["samples_ok"] == 3 * prompts.num_rows
+        # every distinct prompt bought exactly its 3 samples: a retry asks only for the empty one
+        assert set(server.samples_billed.values()) == {3} and len(server.samples_billed) == _unique(cfg, prompts) // 3
+
+
+def test_retry_after_is_capped_and_insufficient_quota_stops_the_stage(tmp_path, monkeypatch, local_ray):
+    port = free_port()
+    cfg, prompts, table = _setup(tmp_path, monkeypatch, port)
+    prompts = prompts.slice(0, 20)
+    cfg.teacher = cfg.teacher.model_copy(update={"max_retries": 10, "max_backoff_s": 0.2, "concurrency": 4})
+    # A server asking for a minute's pause gets max_backoff_s.
+    with LocalTeacher(table, port=port, faults=Faults(rate_limit=0.3, retry_after_s=60, seed=4)) as server:
+        started = time.monotonic()
+        m = teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
+        assert server.fault_counts["rate_limit"] >= 3 and m["rows"]["ok"] == prompts.num_rows
+        assert time.monotonic() - started < 30
+    # Out of credit: every request would get it, so the stage stops at once, nothing retried.
+    cfg.teacher = cfg.teacher.model_copy(update={"max_retries": 5})
+    with LocalTeacher(table, port=port, faults=Faults(insufficient_quota=1.0)) as server, pytest.raises(
+            Exception, match="insufficient_quota"):
+        teacher.run(cfg.teacher, prompts, "p", str(tmp_path / "run2"))
+    assert server.request_count <= cfg.teacher.concurrency
+
+
 def test_n_samples_on_the_completions_endpoint(tmp_path, local_ray):
     cfg = parse_config(tiny_config(tmp_path / "run", teacher={"n": 3, "endpoint": "completions"}))
     prompts, _ = build_prompts(cfg.data)
@@ -324,7 +412,8 @@ def test_governor_spaces_requests_and_reserves_the_budget():
     assert g2.acquire(10, 0.6) == pytest.approx(time.time(), abs=0.01)
     g2.settle(10, 0.6, 0, 2)  # really cost 2 × 0.1 = 0.2: the rest of the reservation is freed
     assert g2.status()["spent_cost"] == pytest.approx(0.2) and g2.acquire(10, 0.6) is not None
-    assert teacher.needs_governor(TeacherConfig(max_cost=1.0)) and not teacher.needs_governor(TeacherConfig())
+    assert teacher.needs_governor(TeacherConfig(max_cost=1.0, price_per_million_prompt_tokens=1.0))
+    assert not teacher.needs_governor(TeacherConfig())
 
 
 def test_governor_tokens_per_minute_and_pause():
@@ -357,3 +446,82 @@ def test_backoff_retry_after_and_prompt_checks():
     assert teacher.completion_prompt(ok) == "be brief\n\n2+2?"
     k = [teacher.request_key("m", ok, teacher.sampling_params(TeacherConfig(endpoint=e))) for e in ("chat", "completions")]
     assert k[0] != k[1]
+
+
+def test_max_cost_without_prices_is_refused_at_config_time(tmp_path):
+    from proxykd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher.max_cost needs the provider's prices"):
+        parse_config(tiny_config(tmp_path, teacher={"max_cost": 10.0}))
+    with pytest.raises(ValueError, match="max_cost needs"):
+        TeacherConfig(max_cost=10.0, price_per_million_prompt_tokens=0.0)
+    assert TeacherConfig(max_cost=10.0, price_per_million_completion_tokens=2.0).max_cost == 10.0
+    assert TeacherConfig(max_total_tokens=1000).max_total_tokens == 1000  # a token budget needs no prices
+
+
+def test_sample_outcome():
+    assert teacher.sample_outcome("The answer is 4.", "stop") == ("ok", None)
+    assert teacher.sample_outcome("", "stop") == ("retry", "empty answer")
+    assert teacher.sample_outcome("  \n", "stop") == ("retry", "empty answer")
+    assert teacher.sample_outcome("The answer", "length") == (
+        "final", "finish_reason=length (cut off at teacher.max_tokens)")
+    assert teacher.sample_outcome("", "content_filter") == (
+        "final", "finish_reason=content_filter (not a finished answer)")
+    assert teacher.sample_outcome(None, "stop", "I can't help with that.") == (
+        "final", "refused (content null, finish_reason=stop): I can't help with that.")
+    assert teacher.sample_outcome(None, "content_filter") == ("final", "refused (content null, finish_reason=content_filter)")
+    assert teacher.is_final(teacher.FINAL + "x") and not teacher.is_final(None) and not teacher.is_final("429")
+
+
+# ------------------------------------------------------------------ nothing paid for is lost
+
+
+def _journal_row(i, error=None):
+    return {"id": f"p{i}", "sample_index": 0, "messages": [{"role": "user", "content": f"q{i}"}],
+            "response": f"a{i}", "finish_reason": "stop", "model": "m", "prompt_tokens": 1, "completion_tokens": 2,
+            "request_key": f"k{i}", "error": error}
+
+
+def test_compact_journals_keeps_every_readable_line_and_quarantines_a_damaged_journal(tmp_path, monkeypatch):
+    clean = tmp_path / "journal-a.jsonl"
+    damaged = tmp_path / "journal-b.jsonl"
+    clean.write_text(json.dumps(_journal_row(0)) + "\n")
+    damaged_bytes = b"\n".join([json.dumps(_journal_row(1)).encode(), b'{"id": "p2", "respo\xff', b"", b"[1, 2]",
+                                json.dumps(_journal_row(3)).encode(), json.dumps(_journal_row(4)).encode()[:30]])
+    damaged.write_bytes(damaged_bytes)
+    events = []
+    real_fsync, real_unlink = os.fsync, Path.unlink
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                  real_fsync(fd))[1])
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: (events.append(("unlink", str(self))),
+                                                                real_unlink(self, *a, **k))[1])
+
+    assert teacher.compact_journals(tmp_path) == 3
+    stored = teacher._stored(tmp_path)
+    assert sorted(stored["id"].to_pylist()) == ["p0", "p1", "p3"]
+    assert not clean.exists() and not damaged.exists()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("journal-b.jsonl.unreadable-")]
+    assert len(kept) == 1 and kept[0].read_bytes() == damaged_bytes  # every byte, for a human
+    # the shard was on disk before the clean journal went
+    shard = next(str(p) for p in tmp_path.glob("part-*.parquet"))
+    gone = events.index(("unlink", str(clean)))
+    assert any(e[0] == "fsync" and e[1].endswith(".tmp") and Path(e[1]).name == f".{Path(shard).name}.tmp"
+               for e in events[:gone])
+
+
+def test_the_journal_is_fsynced_before_the_driver_counts_a_batch(tmp_path, monkeypatch):
+    cfg = TeacherConfig(max_tokens=8, concurrency=4)
+    messages = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
+    prompts = pa.table({"id": [f"p{i}" for i in range(6)], "messages": messages})
+    todo, _, _ = teacher._todo(cfg, prompts, teacher.request_keys(cfg, prompts), set())
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size)),
+                                                  real_fsync(fd))[1])
+    with LocalTeacher({f"question {i}": f"answer {i}" for i in range(6)}) as server:
+        caller = teacher.TeacherCaller(server.base_url, cfg.model_dump(), None, None, str(tmp_path))
+        out = caller(todo)  # (no Ray: the actor's class called directly)
+    assert out["outcome"].to_pylist() == ["ok"] * 6
+    journal = next(tmp_path.glob("journal-*.jsonl"))
+    size = journal.stat().st_size
+    assert size > 0 and (str(journal), size) in synced  # all six lines on disk when the batch returned
