@@ -78,7 +78,9 @@ class SplitConfig(_Strict):
 
 class DataConfig(_Strict):
     """Prompts come from reasoning-gym tasks (with reference answers) or a JSONL/Parquet file
-    with `id`, `messages` (or `prompt`) and optional `reference`."""
+    with `id`, `messages` (or `prompt`) and optional `reference`, `task` and `metadata`. A file
+    row's `task` must name a reasoning-gym dataset (its scorer then scores the row, isolated: see
+    proxykd.scoring); rows without one are scored by exact match."""
 
     source: Literal["reasoning_gym", "file"] = "reasoning_gym"
     path: Optional[str] = None

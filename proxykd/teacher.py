@@ -157,10 +157,6 @@ def sample_outcome(text: Optional[str], finish_reason: Optional[str],
     return "ok", None
 
 
-def is_final(error: Optional[str]) -> bool:
-    return error is not None and error.startswith(FINAL)
-
-
 # --------------------------------------------------------------------------- the governor
 
 
@@ -755,7 +751,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
                 cut_off += final[key]["finish_reason"] == "length"
         if samples.get(rid, 0) + sum(key in final for key in row_keys) == cfg.n:
             continue  # every sample answered, some unusably: rejected, not asked again
-        error = next((errors[k] for k in row_keys if k in errors), None)
+        error = next((errors[k] for k in row_keys if k in errors and k not in final), None)
         (failed if error else not_asked).append({"id": rid, "error": error or "not asked: budget reached"})
     for r in rejected_answers[:20]:
         log.warning("teacher: %s rejected (a final answer, not asked again): %s", r["id"], r["error"])

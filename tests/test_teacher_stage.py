@@ -470,7 +470,6 @@ def test_sample_outcome():
     assert teacher.sample_outcome(None, "stop", "I can't help with that.") == (
         "final", "refused (content null, finish_reason=stop): I can't help with that.")
     assert teacher.sample_outcome(None, "content_filter") == ("final", "refused (content null, finish_reason=content_filter)")
-    assert teacher.is_final(teacher.FINAL + "x") and not teacher.is_final(None) and not teacher.is_final("429")
 
 
 # ------------------------------------------------------------------ nothing paid for is lost
