@@ -1,4 +1,8 @@
-"""Shared by the job scripts: `python jobs/<stage>.py --config CONFIG [--set key=value ...]`."""
+"""Shared by the job scripts: `python jobs/<stage>.py --config CONFIG [--set key=value ...]`.
+
+They run through `proxykd.cli.main`, so a job takes the run folder's lock (proxykd/runlock.py) like
+the CLI does: a second job on the same run_dir (a resubmission, a RayJob applied twice) exits 2 at
+once, naming the run that holds it, and never touches the first run's files."""
 
 import sys
 from pathlib import Path

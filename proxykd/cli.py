@@ -71,6 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
 
+    from proxykd.runlock import RunLocked, run_lock
+
+    try:
+        # One run per run folder: a second run on the same run_dir stops here, before any stage.
+        with run_lock(cfg.run_dir):
+            return _run_stages(args, cfg)
+    except RunLocked as e:
+        print(f"proxykd: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_stages(args, cfg) -> int:
     from proxykd import pipeline
 
     pipeline.setup_logging()
