@@ -97,11 +97,21 @@ def _dead_pid() -> int:
     return p.pid
 
 
-@pytest.mark.parametrize("kind", ["dead_pid", "old_heartbeat", "unreadable"])
+def _zombie_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    while Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)
+    _zombie_pid.keep = p  # not reaped until the test ends
+    return p.pid
+
+
+@pytest.mark.parametrize("kind", ["dead_pid", "zombie_pid", "old_heartbeat", "unreadable"])
 def test_stale_lock_is_taken_over(tmp_path, kind):
     run_dir = tmp_path / "run"
     if kind == "dead_pid":
         path = _stale_lock(run_dir, pid=_dead_pid())
+    elif kind == "zombie_pid":  # killed, not yet reaped by its parent
+        path = _stale_lock(run_dir, pid=_zombie_pid())
     elif kind == "old_heartbeat":  # a live pid on another host: only the heartbeat can tell
         path = _stale_lock(run_dir, host="elsewhere", heartbeat=time.time() - 10)
     else:  # a creator that died between create and write
