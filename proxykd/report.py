@@ -417,14 +417,14 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
-    for key, rows in curves.items():
-        steps = [r["step"] for r in rows]
-        ax1.plot(steps, [r["nll"] for r in rows], label=key)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for i, (key, rows) in enumerate(sorted(curves.items(), key=lambda kv: arm_order(kv[0]))):
+        steps, color = [r["step"] for r in rows], f"C{i}"  # one colour per arm in both panels
+        ax1.plot(steps, [r["nll"] for r in rows], label=key, color=color)
         if any("kl" in r for r in rows):
-            ax2.plot(steps, [r.get("kl", math.nan) for r in rows], label=key)
-    ax1.set_title("NLL of the teacher's answer (training batches)")
-    ax2.set_title("KL(proxy ‖ student) over the top-k, as trained (× w when weighted)")
+            ax2.plot(steps, [r.get("kl", math.nan) for r in rows], label=key, color=color)
+    ax1.set_title("NLL of the teacher's answer", fontsize=10)
+    ax2.set_title("top-k KL(proxy ‖ student) as trained (× w if weighted)", fontsize=10)
     for ax in (ax1, ax2):
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=7)
