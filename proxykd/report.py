@@ -86,8 +86,8 @@ def accuracy_summary(results: pa.Table) -> dict:
     log-likelihood / top-1 agreement of one model's results."""
     right = results["score"].to_numpy(zero_copy_only=False) >= 1.0
     lo, hi = wilson_interval(int(right.sum()), len(right))
-    tasks = results["task"].to_pylist()
-    per_task = {t: float(np.mean([r for r, tt in zip(right, tasks) if tt == t])) for t in sorted(set(map(str, tasks)))}
+    tasks = [str(t) for t in results["task"].to_pylist()]  # rows without a task group under "None"
+    per_task = {t: float(np.mean([r for r, tt in zip(right, tasks) if tt == t])) for t in sorted(set(tasks))}
     ll = results["teacher_ll"].to_numpy(zero_copy_only=False)
     top1 = results["teacher_top1"].to_numpy(zero_copy_only=False)
     nan_mean = lambda v: None if np.all(np.isnan(v)) else float(np.nanmean(v))  # noqa: E731

@@ -50,6 +50,8 @@ def test_accuracy_summary_counts_only_full_scores_and_splits_by_task():
     assert s["per_task"] == {"x": 0.5, "y": 0.5}
     assert s["teacher_ll"] == pytest.approx(-2.0) and s["teacher_top1"] is None
     assert (s["lo"], s["hi"]) == pytest.approx(wilson_interval(2, 4))
+    untasked = accuracy_summary(results.set_column(2, "task", pa.array([None, None, "y", "y"], pa.string())))
+    assert untasked["per_task"] == {"None": 0.5, "y": 0.5}  # file rows without a task still count
 
 
 def test_pick_best_prefers_accuracy_then_teacher_likelihood_then_order():
