@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 
 class _Strict(BaseModel):
@@ -44,15 +44,40 @@ class TinyModelSpec(_Strict):
 class ModelConfig(_Strict):
     """Either `path` (a Hugging Face folder or hub id) or `tiny` (built offline)."""
 
-    path: Optional[str] = None
+    path: Optional[str] = Field(
+        None, description="a local Hugging Face folder (must exist, or be a `proxykd models` name built on first "
+        "use) or a hub id `org/name` (only when no such local folder exists)")
     tiny: Optional[TinyModelSpec] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: Optional[str] = Field(
+        None, description="hub ids only: the branch, tag or commit to load (a commit hash pins it); enters the "
+        "fingerprint of every stage that depends on this model. null: the hub's default branch")
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is None) == (self.tiny is None):
             raise ValueError("give exactly one of `path` or `tiny`")
         return self
+
+    @model_validator(mode="after")
+    def _path_exists_or_hub_id(self):
+        from proxykd.models import ModelPathError, model_source  # models imports this module
+
+        try:
+            source = model_source(self.path) if self.path is not None else "tiny"
+        except ModelPathError as e:
+            raise ValueError(str(e)) from None
+        if self.revision is not None and source != "hub":
+            what = "tiny" if source == "tiny" else f"the local path {self.path!r}"
+            raise ValueError(f"`revision` pins a hub id, but this model is {what}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = handler(self)
+        if out.get("revision") is None:  # configs without one keep their stage fingerprints
+            out.pop("revision", None)
+        return out
 
 
 class TaskConfig(_Strict):

@@ -4,6 +4,7 @@ Hugging Face folders, and check that proxy and student share a vocabulary."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from proxykd.config import ModelConfig, TinyModelSpec
@@ -66,10 +67,10 @@ def build_tiny_llama(spec: TinyModelSpec, tokenizer, out_dir: str | Path, seed: 
 
 
 def materialize_model(cfg: ModelConfig, out_dir: str | Path, seed: int) -> str:
-    """Return a Hugging Face folder (or hub id) for the configured model; tiny models are built
+    """Return the local Hugging Face folder of the configured model; tiny models are built
     into `out_dir` once (atomically, so a crash never leaves a half-built model behind)."""
     if cfg.path is not None:
-        return build_if_known(cfg.path)
+        return resolve_model_path(cfg.path, cfg.revision)
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return str(out_dir)
@@ -226,18 +227,72 @@ def build_models(models_dir: str | Path = "models", student_layers: int = 10) ->
     return {"proxy": proxy, "student": student}
 
 
-def build_if_known(path: str) -> str:
-    """A configured `path` that is missing and named like a `proxykd models` output
-    (`.../smollm2-135m-instruct`, `.../smollm2-135m-cut<N>`) is built there. Local folders are
-    returned absolute, anything else (a hub id) as it is."""
-    import re
+# ---------------------------------------------------------------- configured paths ----
+# A configured `path` is a hub id only when it reads `org/name` and no such local folder exists;
+# anything else must exist locally (or be a `proxykd models` name, built on first use), so a typo
+# in a local path fails when the config loads instead of becoming a hub download.
 
-    p = Path(path)
-    if p.exists():  # absolute: Ray workers run in other working directories
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+CUT_NAME = re.compile(r"smollm2-135m-cut(\d+)")
+# Weights as safetensors only (a .bin is a pickle, and repos often carry both: twice the download),
+# configs and tokenizer files; no remote code, no original/consolidated copies of the weights.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+HUB_SKIP = ["original/*", "consolidated*"]
+
+
+class ModelPathError(ValueError):
+    """A configured model that is neither a local folder nor a hub id, or a hub id that cannot be had."""
+
+
+def model_source(path: str) -> str:
+    """'local' (an existing folder), 'known' (a `proxykd models` name, built on first use) or 'hub'."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return "local"
+    if p.exists():
+        raise ModelPathError(f"path {path!r} is a file; a model is a Hugging Face folder")
+    if p.name == PROXY_NAME or CUT_NAME.fullmatch(p.name):
+        return "known"
+    if HUB_ID.fullmatch(path) and ".." not in path:
+        return "hub"
+    raise ModelPathError(f"path {path!r} does not exist (looked for {p.resolve()}); "
+                         "a hub id is written org/name")
+
+
+def resolve_model_path(path: str, revision: str | None = None) -> str:
+    """The one local folder every loader (transformers, vLLM, Ray workers) gets for a configured
+    model: an existing folder made absolute (Ray workers run in other working directories), a
+    `proxykd models` name (`.../smollm2-135m-instruct`, `.../smollm2-135m-cut<N>`) built there, a
+    hub id downloaded at `revision` (`hub_snapshot`)."""
+    source = model_source(path)
+    if revision is not None and source != "hub":
+        raise ModelPathError(f"revision {revision!r} pins a hub id; {path!r} is a local path")
+    p = Path(path).expanduser()
+    if source == "local":
         return str(p.resolve())
+    if source == "hub":
+        return hub_snapshot(path, revision)
     if p.name == PROXY_NAME:
         return str(Path(build_smollm2(p)).resolve())
-    m = re.fullmatch(r"smollm2-135m-cut(\d+)", p.name)
-    if m:
-        return str(Path(build_models(p.parent, int(m.group(1)))["student"]).resolve())
-    return path
+    return str(Path(build_models(p.parent, int(CUT_NAME.fullmatch(p.name).group(1)))["student"]).resolve())
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
+    """Fetch `repo_id` at `revision` into the Hugging Face cache (a no-op once there; from the cache
+    alone under HF_HUB_OFFLINE) and return its snapshot folder. Handing every loader that one
+    folder means no loader can miss the revision (vLLM's engine and tokenizer, from_pretrained in
+    each Ray worker), and the hub is asked once per run rather than once per worker. On a
+    multi-node cluster HF_HOME goes on the shared mount, as cluster/*.yaml show."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
+
+    at = f"hub model {repo_id!r} at revision {revision or '(default branch)'}"
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP)
+    except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as e:
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if constants.HF_HUB_OFFLINE else ""
+        raise ModelPathError(f"{at} is not a local folder and could not be fetched{offline}: "
+                             f"{type(e).__name__}: {e}") from None
+    if not any(Path(folder).glob("*.safetensors")):
+        raise ModelPathError(f"{at} has no safetensors weights (pickled .bin weights are not loaded)")
+    return folder

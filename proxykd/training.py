@@ -256,6 +256,14 @@ def _save_hf_model(model, tc: TrainConfig, tokenizer, path: Path, rank: int) -> 
     tokenizer.save_pretrained(path)
 
 
+def load_state(path: Path) -> dict:
+    """A checkpoint's state, unpickled with weights_only: tensors and plain containers only, so a
+    tampered checkpoint cannot run code (what `train_loop` saves is nothing else)."""
+    import torch
+
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
 def train_loop(config: dict) -> None:
     import ray
     import ray.train
@@ -296,7 +304,7 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted run: continue after the last checkpointed step
         with checkpoint.as_directory() as local:
-            state = torch.load(Path(local) / STATE_FILE, weights_only=False, map_location="cpu")
+            state = load_state(Path(local) / STATE_FILE)
         if (state["rows"], state["global_batch"]) != (table.num_rows, G):  # the data position would be wrong
             raise RuntimeError(f"[{name}] checkpoint was made with {state['rows']} rows and global batch "
                                f"{state['global_batch']}, now {table.num_rows} and {G}: use a fresh out_dir")

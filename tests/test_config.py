@@ -213,6 +213,50 @@ def test_fingerprint_of_configs(tmp_path):
     assert fingerprint(c1.teacher) == fingerprint(load_config(path, ["distill.alpha=1"]).teacher)
 
 
+def test_a_missing_model_path_fails_at_load_naming_the_key_and_the_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for key, path in (("proxy", str(tmp_path / "no-such-model")), ("student", "./typo"), ("student", "~/typo"),
+                      ("proxy", "gpt2")):
+        tree = {**MINIMAL, key: {"path": path}}
+        with pytest.raises(ConfigError) as e:
+            load_config(write_yaml(tmp_path, tree))
+        line = next(ln.strip() for ln in str(e.value).splitlines() if ln.strip().startswith(f"{key}:"))
+        assert repr(path) in line and "does not exist" in line, str(e.value)
+
+
+def test_revision_pins_hub_ids_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write_yaml(tmp_path, {**MINIMAL, "proxy": {"path": "org/name", "revision": "v1"}}))
+    assert (cfg.proxy.path, cfg.proxy.revision) == ("org/name", "v1")  # not looked for on disk
+    (tmp_path / "local").mkdir()
+    for model in ({"tiny": {}, "revision": "v1"}, {"path": "local", "revision": "v1"}):
+        with pytest.raises(ConfigError, match="pins a hub id"):
+            load_config(write_yaml(tmp_path, {**MINIMAL, "student": model}))
+
+
+def test_revision_enters_the_fingerprint_of_every_stage_that_uses_the_model(tmp_path, monkeypatch):
+    from proxykd import align, distill, evaluate, logits
+
+    monkeypatch.chdir(tmp_path)
+    hub = {"proxy": {"path": "org/proxy"}, "student": {"path": "org/student"}}
+    base = load_config(write_yaml(tmp_path, hub))
+
+    def hashes(cfg):
+        a = align.config_hash(cfg, "answers")
+        d = distill.config_hash(cfg, logits.config_hash(cfg, a))
+        return {"align": a, "distill": d, "eval": evaluate.config_hash(cfg, d),
+                "proxy-init": fingerprint(cfg.proxy, cfg.seed), "student-init": fingerprint(cfg.student, cfg.seed)}
+
+    h0 = hashes(base)
+    hp = hashes(load_config(write_yaml(tmp_path, hub), ["proxy.revision=v1"]))
+    hs = hashes(load_config(write_yaml(tmp_path, hub), ["student.revision=v1"]))
+    assert all(hp[k] != h0[k] for k in ("align", "distill", "eval", "proxy-init")) and hp["student-init"] == h0["student-init"]
+    assert all(hs[k] != h0[k] for k in ("distill", "eval", "student-init"))
+    assert (hs["align"], hs["proxy-init"]) == (h0["align"], h0["proxy-init"])
+    # no revision: the dump (and so every existing run's fingerprints) is as before the key existed
+    assert fingerprint(base.proxy) == fingerprint({"path": "org/proxy", "tiny": None, "dtype": "float32"})
+
+
 def test_default_config_validates():
     cfg = load_config(REPO / "configs" / "default.yaml")
     assert cfg.proxy.tiny is not None and cfg.student.tiny is not None

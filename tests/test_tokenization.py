@@ -39,8 +39,8 @@ def test_materialize_model_folder(model_dir, tok, tmp_path):
     assert len(tok) == VOCAB
     # a second call reuses the folder
     assert materialize_model(ModelConfig(tiny=TinyModelSpec()), p, seed=1) == model_dir
-    # a configured path is returned as is
-    assert materialize_model(ModelConfig(path="org/model"), tmp_path / "x", seed=0) == "org/model"
+    # a configured folder is used where it is (a hub id resolves to its snapshot: tests/test_models.py)
+    assert materialize_model(ModelConfig(path=model_dir), tmp_path / "x", seed=0) == model_dir
     assert not (tmp_path / "x").exists()
 
 

@@ -103,6 +103,50 @@ def test_train_and_distill_config_keys():
         "forward", "tail_bucket", "constant", "ddp", None)
 
 
+class _WritesMarker:
+    """Unpickling this runs code: it creates `path` (a harmless stand-in for os.system)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    state, marker = tmp_path / "train_state.pt", tmp_path / "ran"
+    torch.save({"model": {"w": torch.zeros(2)}, "step": _WritesMarker(marker)}, state)
+    torch.load(state, weights_only=False)  # the unsafe load the loader must not do: it runs the code
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(pickle.UnpicklingError):
+        training.load_state(state)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_state_of_tensors_and_plain_types_loads():
+    """What train_loop saves: state dicts of a stepped AdamW and LambdaLR, ints, metric rows."""
+    import io
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: training.lr_factor(s, 10, 2, "cosine"))
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    row = {"step": 1, "epoch": 0, "batch": "abc", "loss": 0.5, "lr": sched.get_last_lr()[0], "attempt": 0}
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "step": 1, "epoch": 0, "batch_in_epoch": 1, "rows": 24, "global_batch": 8, "history": [row], "attempt": 0}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    got = training.load_state(buf)
+    assert got["history"] == [row] and got["scheduler"] == sched.state_dict()
+    torch.testing.assert_close(got["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
 # ---------------------------------------------------------------- Ray Train runs
 
 
@@ -175,6 +219,9 @@ def test_two_workers_with_accumulation_match_one_worker(tmp_path, one_worker, st
     assert_same_curve(ref, two)
     assert all(r["kl"] > 0 and r["tokens_per_s"] > 0 for r in two)
     assert (tmp_path / "model" / "config.json").exists()
+    # the final checkpoint Ray Train keeps loads under weights_only
+    states = sorted((one_worker[0] / "_ray").rglob(training.STATE_FILE))
+    assert states and training.load_state(states[-1])["history"] == ref
     png = training.plot_metrics(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
