@@ -170,15 +170,34 @@ class TeacherConfig(_Strict):
         "when the next request could exceed it")
     max_total_tokens: Optional[int] = Field(None, gt=0, description="the same budget in tokens")
     progress_every_s: float = Field(10.0, gt=0)
+    # Batch mode (proxykd/teacher_batch.py). Operational: the answers are the same requests, keyed alike.
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online: requests sent as they go (Ray Data actors); batch: the provider's Batch "
+        "API (JSONL files uploaded, answered within 24 h, at the batch price)")
+    batch_max_requests: int = Field(50000, gt=0, description="requests per batch input file (OpenAI: 50,000)")
+    batch_max_bytes: int = Field(200_000_000, gt=0, description="bytes per batch input file (OpenAI: 200 MB)")
+    batch_max_in_flight: Optional[int] = Field(
+        None, gt=0, description="batches submitted and not yet finished at once (null: no limit); a provider's "
+        "enqueued-token limit fails batches beyond it")
+    batch_poll_s: float = Field(30.0, gt=0, description="first wait between polls of the running batches; "
+                                "it grows 1.5× per unchanged poll up to batch_max_poll_s")
+    batch_max_poll_s: float = Field(600.0, gt=0)
+    batch_discount: float = Field(
+        0.5, gt=0, le=1, description="batch price = online price × this, for prices not given below")
+    batch_price_per_million_prompt_tokens: Optional[float] = Field(None, ge=0, description="USD; null: discounted")
+    batch_price_per_million_completion_tokens: Optional[float] = Field(None, ge=0, description="USD; null: discounted")
 
     @model_validator(mode="after")
     def _budget_needs_prices(self):
         # With both prices 0 every call costs $0 and the budget would never stop anything.
+        batch_priced = self.mode == "batch" and (self.batch_price_per_million_prompt_tokens
+                                                 or self.batch_price_per_million_completion_tokens)
         if self.max_cost is not None and not (self.price_per_million_prompt_tokens
-                                              or self.price_per_million_completion_tokens):
+                                              or self.price_per_million_completion_tokens or batch_priced):
             raise ValueError("teacher.max_cost needs the provider's prices: set "
                              "teacher.price_per_million_prompt_tokens and price_per_million_completion_tokens "
-                             "(with both 0 every call costs $0 and the budget never stops the stage), "
+                             "(with both 0 every call costs $0 and the budget never stops the stage; in batch mode "
+                             "the batch prices will do), "
                              "or budget in tokens with teacher.max_total_tokens")
         return self
 
