@@ -5,7 +5,8 @@ This is where users spend money, so the stage is built around three rules:
 - **Never pay twice.** Every sample has a `request_key`, the hash of the canonical request (model,
   endpoint, messages, sampling parameters, sample index). Actors append each response to a
   journal the moment it arrives; a rerun (after a crash, a `kill -9`, or with other operational
-  settings) asks only for keys that have no stored response.
+  settings) asks only for keys that have no stored response, and so does an actor that Ray Data
+  restarts (after a `kill -9` of its process) when it retries its batches.
 - **Stay under the limits.** One `Governor` actor per run spaces requests so that all actors
   together respect `requests_per_minute` and `tokens_per_minute`, pauses everyone when the API
   answers 429 with `Retry-After`, and holds the spend budget (`max_cost`, `max_total_tokens`).
@@ -293,7 +294,12 @@ class TeacherCaller:
         self.sent = 0
         self.params = sampling_params(self.cfg)
         self.governor = governor
-        self.journal = open(Path(folder) / f"journal-{uuid.uuid4().hex}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        # Ray Data restarts a killed actor under the same actor id and retries its batches on it:
+        # the journals of its earlier lives (none for a fresh actor: one glob) say what they bought.
+        actor = _actor_id()
+        self.journaled = _journaled(Path(folder), actor) if actor else {}
+        name = f"journal-{actor}-{uuid.uuid4().hex}.jsonl" if actor else f"journal-{uuid.uuid4().hex}.jsonl"
+        self.journal = open(Path(folder) / name, "a", encoding="utf-8")  # noqa: SIM115
         artifacts.fsync_dir(Path(folder))  # (the journal's name, so that a machine crash keeps the file)
         self.synced_at = time.monotonic()
         self.rng = random.Random()
@@ -374,6 +380,24 @@ class TeacherCaller:
             raise _Retryable(f"{type(e).__name__}: {e}", maybe_billed=sent) from None
         return resp, samples
 
+    def _recall(self, pending: list[dict], summary: dict) -> tuple[list[dict], int]:
+        """(the samples of `pending` still to ask, how many were final answers) after what an
+        earlier life of this actor journaled: answered samples (ok or final, as in `run`) are not
+        asked again. The spending on record goes on `summary`: that life's summary of this batch
+        never reached the driver."""
+        still, final = [], 0
+        for r in pending:
+            known = self.journaled.pop(r["request_key"], None)
+            if known is None:
+                still.append(r)
+                continue
+            for name in ("requests", "prompt_tokens", "completion_tokens"):
+                summary[name] += known[name]
+            if known["answer"] is None:  # failed, or billed without an answer: asked again
+                still.append(r)
+            final += known["answer"] == "final"
+        return still, final
+
     async def _ask(self, row: dict, sem: asyncio.Semaphore) -> dict:
         """All missing samples of one prompt, in one request (n = how many are missing); a retry
         asks only the samples that are still missing."""
@@ -383,7 +407,9 @@ class TeacherCaller:
         pending = [{**base, "sample_index": k,
                     "request_key": request_key(self.cfg.model, row["messages"], self.params, k)} for k in row["samples"]]
         summary = {"id": row["id"], "outcome": "failed", "error": None, **dict.fromkeys(COUNTERS, 0)}
-        rejected = 0
+        pending, rejected = self._recall(pending, summary)
+        if not pending:  # all answered by an earlier life of this actor: its summary, no request
+            return {**summary, "outcome": "rejected" if rejected else "ok"}
 
         def billed(pt: int, ct: int) -> None:
             summary["prompt_tokens"] += pt
@@ -480,6 +506,40 @@ class TeacherCaller:
 
 
 # ----------------------------------------------------------------------------- storage
+
+
+def _actor_id() -> Optional[str]:
+    """This process's Ray actor id (kept across restarts), or None outside an actor."""
+    import ray
+
+    return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+
+
+def _journaled(folder: Path, actor: str) -> dict[str, dict]:
+    """What the journals of actor `actor`'s earlier lives hold, by request_key: `answer` ("ok",
+    "final" or None: failed, or only billed attempts) and what it cost, `requests` being the billed
+    calls on record (a call's usage sits on one of its rows; calls that left no row are not known).
+    Read once, by a restarted actor; a line cut short by the kill is skipped (asked again)."""
+    known: dict[str, dict] = {}
+    for path in sorted(folder.glob(f"journal-{actor}-*.jsonl")):
+        for line in path.read_bytes().splitlines():
+            try:
+                row = json.loads(line)
+                key, error = row["request_key"], row.get("error")
+                pt, ct = int(row.get("prompt_tokens") or 0), int(row.get("completion_tokens") or 0)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                continue
+            if not isinstance(key, str):
+                continue
+            k = known.setdefault(key, {"answer": None, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+            k["requests"] += pt > 0
+            k["prompt_tokens"] += pt
+            k["completion_tokens"] += ct
+            if error is None:
+                k["answer"] = "ok"
+            elif isinstance(error, str) and error.startswith(FINAL) and k["answer"] is None:
+                k["answer"] = "final"
+    return known
 
 
 def compact_journals(folder: Path) -> int:
