@@ -717,6 +717,10 @@ def _progress(cfg: TeacherConfig, totals: dict, done: int, total: int, started: 
 
 
 def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_dir: str) -> dict:
+    if cfg.mode == "batch":  # the provider's Batch API: a loop on the driver, no Ray
+        from proxykd import teacher_batch
+
+        return teacher_batch.run(cfg, prompts, prompts_content_hash, run_dir)
     import ray
 
     folder = artifacts.stage_dir(run_dir, "teacher")
