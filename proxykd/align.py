@@ -67,41 +67,41 @@ class RoundSampler(VLLMEngine):
         self.seed = seed
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        chosen = batch["input_ids"].to_pylist()
-        starts = batch["response_start"].to_pylist()
-        # One seed per row, from the run seed, the round and the id: reproducible, and the samples
-        # of different prompts are independent (one shared seed draws the same random numbers for
-        # every prompt).
+        """The pairs columns and `error`: a row vLLM refuses gets an error and nulls (`per_row`)."""
+        rows, errors = self.per_row(self._pairs, batch["id"].to_pylist(), batch["input_ids"].to_pylist(),
+                                    batch["response_start"].to_pylist(), what="sampling")
+        start_type = batch.schema.field("response_start").type
+        types = {"id": pa.string(), "rejected": pa.string(), "chosen_input_ids": IDS,
+                 "chosen_response_start": start_type, "rejected_input_ids": IDS,
+                 "rejected_response_start": start_type, "ref_chosen_logp": pa.float64(),
+                 "ref_rejected_logp": pa.float64(), "chosen_ll": pa.float64(), "chosen_top1_hits": pa.int64()}
+        rows = [r or {"id": rid} for r, rid in zip(rows, batch["id"].to_pylist())]
+        columns = {name: pa.array([r.get(name) for r in rows], t) for name, t in types.items()}
+        return pa.table({**columns, "error": pa.array(errors, pa.string())})
+
+    def _pairs(self, ids: list[str], chosen: list[list[int]], starts: list[int]) -> list[dict]:
+        # One seed per row, from the run seed, the round and the id: reproducible (a row retried
+        # alone draws the same sample), and the samples of different prompts are independent (one
+        # shared seed draws the same random numbers for every prompt).
         params = [self.params.clone() for _ in chosen]
-        for p, rid in zip(params, batch["id"].to_pylist()):
+        for p, rid in zip(params, ids):
             p.seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{rid}".encode()).digest()[:4], "big") >> 1
-        outs = self.generate([ids[:s] for ids, s in zip(chosen, starts)], params)
-        samples = [o.outputs[0].text for o in outs]
+        outs = self.generate([x[:s] for x, s in zip(chosen, starts)], params)
         # Train on the tokens the proxy produced (re-tokenising the text could differ), with eos
         # where it stopped by itself, as the teacher's answers have.
         rejected = []
-        for ids, s, o in zip(chosen, starts, outs):
+        for x, s, o in zip(chosen, starts, outs):
             sample = list(o.outputs[0].token_ids)
             if o.outputs[0].finish_reason == "stop" and sample[-1:] != [self.eos]:
                 sample.append(self.eos)
-            rejected.append((ids[:s] + sample)[: self.max_length])
+            rejected.append((x[:s] + sample)[: self.max_length])
         ref_c = self.score(chosen, starts, 1)
         ref_r = self.score(rejected, starts, 1)
-        return pa.table(
-            {
-                "id": batch["id"],
-                "rejected": pa.array(samples, pa.string()),
-                "chosen_input_ids": pa.array(chosen, IDS),
-                "chosen_response_start": batch["response_start"],
-                "rejected_input_ids": pa.array(rejected, IDS),
-                "rejected_response_start": batch["response_start"],
-                "ref_chosen_logp": pa.array([float(r[2].sum()) for r in ref_c], pa.float64()),
-                "ref_rejected_logp": pa.array([float(r[2].sum()) for r in ref_r], pa.float64()),
-                "chosen_ll": pa.array([float(r[2].mean()) for r in ref_c], pa.float64()),
-                "chosen_top1_hits": pa.array([top1_hits(r[0], ids, s) for r, ids, s in zip(ref_c, chosen, starts)],
-                                             pa.int64()),
-            }
-        )
+        return [{"id": rid, "rejected": o.outputs[0].text, "chosen_input_ids": c, "chosen_response_start": s,
+                 "rejected_input_ids": r, "rejected_response_start": s, "ref_chosen_logp": float(rc[2].sum()),
+                 "ref_rejected_logp": float(rr[2].sum()), "chosen_ll": float(rc[2].mean()),
+                 "chosen_top1_hits": top1_hits(rc[0], c, s)}
+                for rid, o, c, r, s, rc, rr in zip(ids, outs, chosen, rejected, starts, ref_c, ref_r)]
 
 
 def round_ids(ids: list[str], k: int, per_round: int | None, seed: int) -> list[str]:
@@ -132,31 +132,30 @@ def _pairs_alignment(name: str, pairs: pa.Table) -> dict:
                      pairs["chosen_input_ids"].to_pylist(), pairs["chosen_response_start"].to_pylist())
 
 
-def _measure(cfg: RunConfig, model: str, rows: pa.Table, path: Path) -> pa.Table:
-    """Score `rows` (teacher answers) under `model`: ll_sum and top-1 hits per row; kept in `path`."""
+def _measure(cfg: RunConfig, model: str, rows: pa.Table, path: Path) -> tuple[pa.Table, list[dict]]:
+    """Score `rows` (teacher answers) under `model`: ll_sum and top-1 hits per row; kept in `path`
+    with the rows vLLM refused (and why), which come back apart as [{id, error}]: left out of the
+    measure rather than counted as misses."""
     import ray
 
-    if path.exists():
-        return pq.read_table(path)
-    ds = artifacts.to_dataset(rows.select(["id", "input_ids", "response_start"]), 64).map_batches(
-        Scorer,
-        fn_constructor_kwargs={
-            "engine": engine_kwargs(model, model_max_length(model), cfg.seed, cfg.resources, cfg.proxy.dtype),
-            "top_k": 1, "kv_cache_gb": cfg.resources.vllm_kv_cache_gb},
-        **map_kwargs(cfg.resources, batch_size=64),
-    )
-    scored = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-    failed = scored.filter(pc.is_valid(scored["error"]))
-    if failed.num_rows:  # left out of the measure rather than counted as misses
-        log.warning("align: %d held-out rows could not be scored, e.g. %s: %s", failed.num_rows,
-                    failed["id"][0].as_py(), failed["error"][0].as_py())
-        scored = scored.filter(pc.is_null(scored["error"]))
-    top1 = [top1_hits(t, ids, s) for t, ids, s in zip(
-        scored["topk_ids"].to_pylist(), scored["input_ids"].to_pylist(), scored["response_start"].to_pylist())]
-    out = scored.select(["id", "input_ids", "response_start", "ll_sum"]).append_column(
-        "top1_hits", pa.array(top1, pa.int64()))
-    artifacts.write_table_atomic(out, path)
-    return out
+    if not path.exists():
+        ds = artifacts.to_dataset(rows.select(["id", "input_ids", "response_start"]), 64).map_batches(
+            Scorer,
+            fn_constructor_kwargs={
+                "engine": engine_kwargs(model, model_max_length(model), cfg.seed, cfg.resources, cfg.proxy.dtype),
+                "top_k": 1, "kv_cache_gb": cfg.resources.vllm_kv_cache_gb},
+            **map_kwargs(cfg.resources, batch_size=64),
+        )
+        scored = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        top1 = [0 if e else top1_hits(t, x, s) for t, x, s, e in zip(
+            scored["topk_ids"].to_pylist(), scored["input_ids"].to_pylist(), scored["response_start"].to_pylist(),
+            scored["error"].to_pylist())]
+        artifacts.write_table_atomic(scored.select(["id", "input_ids", "response_start", "ll_sum", "error"])
+                                     .append_column("top1_hits", pa.array(top1, pa.int64())), path)
+    table = pq.read_table(path)
+    if "error" not in table.column_names:  # written before refused rows were kept in it
+        return table, []
+    return split_refused(table)
 
 
 def select_point(points: list[dict], rule: str) -> dict:
@@ -192,7 +191,10 @@ def config_hash(cfg: RunConfig, teacher_hash: str) -> str:
     return fingerprint(teacher_hash, cfg.proxy, cfg.align, cfg.seed)
 
 
-def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, out: Path, k: int) -> pa.Table:
+def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, out: Path,
+                  k: int) -> tuple[pa.Table, list[dict]]:
+    """Round k's pairs, and the rows vLLM refused as [{id, error}] (kept in the round's
+    rejected.parquet, written before pairs.parquet marks the round sampled)."""
     import ray
 
     s = cfg.align.sampling
@@ -207,10 +209,29 @@ def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, o
         },
         **map_kwargs(cfg.resources, batch_size=64),
     )
-    pairs = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("id")
+    pairs, failed = split_refused(pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("id"))
+    artifacts.write_rejected(out, failed)
     artifacts.write_table_atomic(pairs.select(["id", "rejected"]), out / "samples.parquet")
     artifacts.write_table_atomic(pairs, out / "pairs.parquet")
-    return pairs
+    return pairs, failed
+
+
+def split_refused(table: pa.Table) -> tuple[pa.Table, list[dict]]:
+    """(the rows an engine actor answered, without `error`; the rows it refused, as [{id, error}])."""
+    bad = pc.is_valid(table["error"])
+    return table.filter(pc.invert(bad)).drop_columns(["error"]), table.filter(bad).select(["id", "error"]).to_pylist()
+
+
+def _round_failures(rdir: Path) -> list[dict]:
+    path = rdir / artifacts.REJECTED_FILE
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+def _refused(failed: list[dict], where: str) -> list[dict]:
+    """Rows vLLM refused, as the stage's rejected rows: kept out of training and of the measure."""
+    for r in failed:
+        log.warning("align: %s: %s rejected: %s", where, r["id"], r["error"])
+    return [{"id": r["id"], "error": f"{where}: {r['error']}"} for r in failed]
 
 
 def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str, base: str) -> dict:
@@ -249,13 +270,14 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
         rdir.mkdir(exist_ok=True)
         pairs_path = rdir / "pairs.parquet"
         if pairs_path.exists():
-            pairs = pq.read_table(pairs_path)
+            pairs, failed = pq.read_table(pairs_path), _round_failures(rdir)
         else:
             # this round's training rows, and the held-out rows (their scores measure the current proxy)
             take = pa.array(round_ids(trainable, k, cfg.align.rows_per_round, cfg.seed) + heldout["id"].to_pylist())
             rows = proxy_rows.filter(pc.is_in(proxy_rows["id"], take))
             log.info("align: round %d, sampling %d proxy answers", k, rows.num_rows)
-            pairs = _sample_round(cfg, str(current), rows, max_length, rdir, k)
+            pairs, failed = _sample_round(cfg, str(current), rows, max_length, rdir, k)
+        rejected += _refused(failed, f"round {k}")
         in_heldout = pc.is_in(pairs["id"], heldout["id"])
         if heldout.num_rows:
             points.append(_pairs_alignment(name, pairs.filter(in_heldout)))
@@ -269,7 +291,8 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
                          loss={"beta": cfg.align.beta, "nll_weight": cfg.align.nll_weight})
         current, name = rdir / "model", f"round-{k}"
     if heldout.num_rows:
-        final = _measure(cfg, str(current), heldout, folder / "final_heldout.parquet")
+        final, failed = _measure(cfg, str(current), heldout, folder / "final_heldout.parquet")
+        rejected += _refused(failed, f"{name} held-out measure")
         points.append(alignment(name, final["ll_sum"].to_numpy(), final["top1_hits"].to_numpy(),
                                 final["input_ids"].to_pylist(), final["response_start"].to_pylist()))
         log.info("align: %s proxy on held-out D_p: teacher ll %.4f/token, top-1 %.3f",

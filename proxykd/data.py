@@ -73,26 +73,89 @@ def reasoning_gym_rows(cfg: DataConfig) -> list[dict]:
                     "messages": _messages(entry["question"], cfg.system_prompt),
                     "reference": str(entry["answer"]),
                     "task": task.name,
-                    "metadata": json.dumps(entry.get("metadata", {}), default=str),
+                    # plain JSON values (reasoning-gym's may hold other types), dumped by validate_row
+                    "metadata": json.loads(json.dumps(entry.get("metadata", {}), default=str)),
                 }
             )
     return rows
 
 
-def _read_file(path: Path) -> list[tuple[int, object]]:
-    """(line or row number, raw row) pairs, so a bad row without an id can still be located."""
+def _read_file(path: Path) -> list[tuple[str, object]]:
+    """(where: "line n" or "row n", raw row) pairs, so a bad row without an id can still be located.
+    A line that is not UTF-8 or not JSON, or a Parquet row with invalid UTF-8, becomes a row with
+    `_error`: rejected alone, not the file."""
     if path.suffix == ".parquet":
-        return list(enumerate(pq.read_table(path).to_pylist(), 1))
+        return [(f"row {n}", raw) for n, raw in enumerate(_parquet_rows(pq.read_table(path)), 1)]
     rows = []
-    with path.open() as f:
+    with path.open("rb") as f:  # bytes: one line's bad encoding must not stop the others
         for n, line in enumerate(f, 1):
+            if n == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
             if not line.strip():
                 continue
             try:
-                rows.append((n, json.loads(line)))
+                rows.append((f"line {n}", json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                rows.append((f"line {n}", {"_error": f"not valid UTF-8: {e}"}))
             except json.JSONDecodeError as e:
-                rows.append((n, {"_error": f"not valid JSON: {e}"}))
+                rows.append((f"line {n}", {"_error": f"not valid JSON: {e}"}))
     return rows
+
+
+def _parquet_rows(table: pa.Table) -> list:
+    """Python rows of `table`. Arrow does not check a Parquet file's strings, so a row with invalid
+    UTF-8 fails its conversion: the table at once, then row by row when that fails."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    rows = []
+    for i in range(table.num_rows):
+        try:
+            rows.append(table.slice(i, 1).to_pylist()[0])
+        except UnicodeDecodeError as e:
+            rows.append({"_error": f"not valid UTF-8: {e}"})
+    return rows
+
+
+def _not_utf8(value, where: str) -> Optional[str]:
+    """Where `value` holds a string UTF-8 cannot encode (a lone surrogate, as JSON's "\\ud800"
+    escape gives: Arrow refuses it later), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{where} holds {value[e.start:e.end]!r}, a lone surrogate that UTF-8 cannot encode"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if bad := _not_utf8(k, f"a key of {where}") or _not_utf8(v, f"{where}.{k}"):
+                return bad
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if bad := _not_utf8(v, f"{where}[{i}]"):
+                return bad
+    return None
+
+
+def _metadata_json(metadata) -> str:
+    """A row's metadata as JSON text. It must be an object (what task scorers read), or JSON text of
+    one, that round-trips through JSON unchanged: no NaN, no non-string keys, no other types."""
+    if metadata is None:
+        return "{}"
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`metadata` is text but not JSON: {e}") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"`metadata` must be a JSON object, got {type(metadata).__name__}")
+    try:
+        text = json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"`metadata` is not plain JSON: {e}") from None
+    if json.loads(text) != metadata:
+        raise ValueError("`metadata` changes through JSON (non-string keys or tuples?)")
+    return text
 
 
 def validate_row(raw: dict, system_prompt: Optional[str]) -> dict:
@@ -101,9 +164,14 @@ def validate_row(raw: dict, system_prompt: Optional[str]) -> dict:
         raise ValueError(f"a row must be a JSON object, got {type(raw).__name__}")
     if "_error" in raw:
         raise ValueError(raw["_error"])
+    for field in ("id", "messages", "prompt", "reference", "task", "metadata"):
+        if bad := _not_utf8(raw.get(field), f"`{field}`"):
+            raise ValueError(bad)
     row_id = raw.get("id")
     if not isinstance(row_id, str) or not row_id.strip():
         raise ValueError("`id` must be a non-empty string")
+    if "#" in row_id:  # encode.sample_id: `<id>#<k>` names the teacher's k-th answer to a prompt
+        raise ValueError(f"`id` {row_id!r} contains '#', which separates a prompt's id from its sample number")
     messages = raw.get("messages")
     if messages is None and isinstance(raw.get("prompt"), str):
         messages = _messages(raw["prompt"], system_prompt)
@@ -132,32 +200,38 @@ def validate_row(raw: dict, system_prompt: Optional[str]) -> dict:
         "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
         "reference": None if reference is None else str(reference),
         "task": task,
-        "metadata": json.dumps(raw.get("metadata") or {}, default=str),
+        "metadata": _metadata_json(raw.get("metadata")),
     }
 
 
 def build_prompts(cfg: DataConfig) -> tuple[pa.Table, list[dict]]:
-    """Return (prompts table, rejected rows as {id, error})."""
+    """Return (prompts table, rejected rows as {id, error}). Every bad row is rejected alone, under
+    its id (`<line n>` / `<row n>` when it has no usable one), with where it is in its error."""
     if cfg.source == "reasoning_gym":
-        raw_rows = list(enumerate(reasoning_gym_rows(cfg), 1))
+        raw_rows = [(f"row {n}", raw) for n, raw in enumerate(reasoning_gym_rows(cfg), 1)]
     else:
         raw_rows = _read_file(Path(cfg.path))
-    good, rejected, seen = [], [], set()
-    for n, raw in raw_rows:
+    good, rejected, seen = [], [], {}
+    for where, raw in raw_rows:
         try:
             row = validate_row(raw, cfg.system_prompt)
             if row["id"] in seen:
-                raise ValueError("duplicate `id`")
+                raise ValueError(f"duplicate `id` (first on {seen[row['id']]})")
         except ValueError as e:
-            rid = raw.get("id") if isinstance(raw, dict) else None
-            rid = rid if isinstance(rid, str) and rid.strip() else f"<line {n}>"
-            rejected.append({"id": rid, "error": str(e)})
-            log.warning("prompt %s rejected: %s", rid, e)
+            rid = _reported_id(raw) or f"<{where}>"
+            rejected.append({"id": rid, "error": f"{where}: {e}"})
+            log.warning("prompt %s rejected: %s: %s", rid, where, e)
             continue
-        seen.add(row["id"])
+        seen[row["id"]] = where
         row["split"] = assign_split(row["id"], cfg, json.dumps(row["messages"], sort_keys=True))
         good.append(row)
     return pa.Table.from_pylist(good, schema=PROMPT_SCHEMA), rejected
+
+
+def _reported_id(raw) -> Optional[str]:
+    """The id a rejected row is reported under, if it has one the rejected file can hold."""
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    return rid if isinstance(rid, str) and rid.strip() and not _not_utf8(rid, "") else None
 
 
 _ANSWER_RE = re.compile(r"answer is\s*(.+?)\s*\.?\s*(?=$|answer is)", re.IGNORECASE | re.DOTALL)

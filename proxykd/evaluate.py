@@ -3,7 +3,9 @@ answers every prompt, and the same engine scores the teacher's answer teacher-fo
 model: accuracy against the references (reasoning-gym's scorer for its tasks, exact match
 otherwise), and how closely it imitates the teacher: mean per-token log-likelihood of the teacher's
 answer and top-1 agreement with the teacher's tokens. The teacher's own accuracy is the first row.
-Writes `eval/results.parquet` (one row per prompt and model) and `eval/report.md`."""
+Writes `eval/results.parquet` (one row per prompt and model) and `eval/report.md`. A prompt a
+model's engine refuses is that model's unanswered item: it scores 0, its `score_error` says why,
+and the manifest's `failed_*` names it with the model."""
 
 from __future__ import annotations
 
@@ -27,20 +29,29 @@ log = logging.getLogger("proxykd")
 
 
 class Evaluator(VLLMEngine):
-    """Adds `sample` (the model's answer), `teacher_ll` and `teacher_top1` to batches with
-    `input_ids` (prompt + teacher answer) and `response_start`."""
+    """Adds `sample` (the model's answer), `teacher_ll`, `teacher_top1` and `error` to batches with
+    `input_ids` (prompt + teacher answer) and `response_start`. A row vLLM refuses gets `error`
+    (and nulls) instead of failing its batch."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, starts = batch["input_ids"].to_pylist(), batch["response_start"].to_pylist()
-        outs = self.generate([x[:s] for x, s in zip(ids, starts)], self.params)
-        scored = self.score(ids, starts, 1)
-        top1 = [top1_hits(r[0], x, s) / (len(x) - s) if len(x) > s else math.nan for r, x, s in zip(scored, ids, starts)]
+        results, errors = self.per_row(self._answer, ids, starts, what="eval")
+        results = [r or (None, None, None) for r in results]
         return pa.table({
             "id": batch["id"],
-            "sample": pa.array([o.outputs[0].text for o in outs], pa.string()),
-            "teacher_ll": pa.array([float(r[2].mean()) for r in scored], pa.float64()),
-            "teacher_top1": pa.array(top1, pa.float64()),
+            "sample": pa.array([r[0] for r in results], pa.string()),
+            "teacher_ll": pa.array([r[1] for r in results], pa.float64()),
+            "teacher_top1": pa.array([r[2] for r in results], pa.float64()),
+            "error": pa.array(errors, pa.string()),
         })
+
+    def _answer(self, ids: list[list[int]], starts: list[int]) -> list[tuple[str, float, float]]:
+        """(answer, teacher ll per token, teacher top-1 agreement) per row."""
+        outs = self.generate([x[:s] for x, s in zip(ids, starts)], self.params)
+        scored = self.score(ids, starts, 1)
+        return [(o.outputs[0].text, float(r[2].mean()),
+                 top1_hits(r[0], x, s) / (len(x) - s) if len(x) > s else math.nan)
+                for o, r, x, s in zip(outs, scored, ids, starts)]
 
 
 def config_hash(cfg: RunConfig, distill_hash: str) -> str:
@@ -85,28 +96,38 @@ def split_rows(prompts: pa.Table, teacher: pa.Table, split: str, model: str) -> 
 
 def scored_results(prompts: pa.Table, model: str, generations: list[dict]) -> list[dict]:
     """Results rows of one model: each generation's extracted answer scored against its reference
-    (`generations`: {id, text, teacher_ll?, teacher_top1?}), all in one isolated scoring process
-    (`scoring.score_many`). An answer whose scoring failed (timed out, crashed, or the scorer tried
-    to act) scores 0 and names why in `score_error` (null otherwise)."""
+    (`generations`: {id, text, teacher_ll?, teacher_top1?, error?}), all in one isolated scoring
+    process (`scoring.score_many`). An answer whose scoring failed (timed out, crashed, or the scorer
+    tried to act) scores 0 and names why in `score_error` (null otherwise). A row the model's engine
+    refused (`error`) has no generation and scores 0 the same way: the model did not answer it, and
+    every model stays scored on the same items."""
     wanted = pa.array([g["id"] for g in generations], pa.string())
     meta = {r["id"]: r for r in prompts.filter(pc.is_in(prompts["id"], wanted)).select(
         ["id", "reference", "task", "metadata"]).to_pylist()}
     out = []
     for g in generations:
-        m = meta[g["id"]]
-        out.append({"id": g["id"], "model": model, "generation": g["text"], "answer": extract_answer(g["text"]),
-                    "reference": m["reference"], "task": m["task"], "score": math.nan,
-                    "teacher_ll": g.get("teacher_ll", math.nan), "teacher_top1": g.get("teacher_top1", math.nan),
-                    "score_error": None})
-    scores = score_many([{**meta[r["id"]], "answer": r["answer"]} for r in out])
-    for r, s in zip(out, scores):
+        m, error = meta[g["id"]], g.get("error")
+        out.append({"id": g["id"], "model": model, "generation": None if error else g["text"],
+                    "answer": None if error else extract_answer(g["text"]), "reference": m["reference"],
+                    "task": m["task"], "score": 0.0 if error and m["reference"] is not None else math.nan,
+                    "teacher_ll": _float(g.get("teacher_ll")), "teacher_top1": _float(g.get("teacher_top1")),
+                    "score_error": error})
+    todo = [r for r in out if r["score_error"] is None]
+    for r, s in zip(todo, score_many([{**meta[r["id"]], "answer": r["answer"]} for r in todo])):
         r["score"], r["score_error"] = s.score, s.error
     return out
+
+
+def _float(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 def model_results(cfg: RunConfig, prompts: pa.Table, name: str, model_path: str, rows: pa.Table) -> list[dict]:
     """Generate with `model_path` on `rows` (vLLM in Ray Data) and score the answers."""
     gens = evaluate_model(cfg, model_path, rows).to_pylist()
+    for g in gens:
+        if g["error"]:
+            log.warning("eval: %s could not answer %s (scored 0): %s", name, g["id"], g["error"])
     return scored_results(prompts, name, [{"text": g["sample"], **g} for g in gens])
 
 
@@ -130,6 +151,8 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, models: dict[str, 
         log.info("eval: the %s student on %d prompts", name, rows.num_rows)
         out += model_results(cfg, prompts, name, models[name], rows)
     results = pa.Table.from_pylist(out)
+    # kept in the results, scored 0 (see scored_results), and named here with the model
+    failed = [{"id": r["id"], "error": f"{r['model']}: {r['score_error']}"} for r in out if r["generation"] is None]
     artifacts.write_table_atomic(results, folder / "results.parquet")
     table = report_table(results)
     (folder / "report.md").write_text(
@@ -140,4 +163,5 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, models: dict[str, 
     )
     return artifacts.write_manifest(folder, "eval", h, started, inputs={"distill": distill_hash, "models": models},
                                     rows={"prompts": rows.num_rows}, table=table,
+                                    failed_count=len(failed), failed_first=failed[:20],
                                     **artifacts.write_rejected(folder, rejected))

@@ -1,7 +1,8 @@
 """vLLM engines as Ray Data actors (`map_batches(..., compute=ActorPoolStrategy(...))`).
 
 - `VLLMEngine` holds one engine with `generate` (sampling) and `score` (teacher-forced top-k);
-  the alignment round sampler and the evaluator build on it.
+  the alignment round sampler and the evaluator build on it. Every actor runs its batch through
+  `per_row`: a row vLLM refuses gets an error of its own, and the other rows their results.
 - `Scorer` runs a teacher-forced pass over (prompt + response) with `prompt_logprobs` and returns
   the top-k token ids/log-probs at every response position, plus the sum and mean log-likelihood of
   the response (the logits stage).
@@ -69,6 +70,32 @@ class VLLMEngine:
 
         self.llm = LLM(**engine)
         self.params = SamplingParams(**sampling) if sampling is not None else None
+
+    def per_row(self, fn, *columns: list, what: str) -> tuple[list, list]:
+        """`fn(*columns)` (one result per row) over the whole batch; if it raises, each row alone,
+        so one row vLLM refuses (over max_model_len, an id outside the vocabulary) fails only
+        itself, not the batch and with it the Ray Data job. Returns (results, errors): a failed
+        row's result is None and its error says why; the others' error is None. A dead engine
+        is raised: every row would fail, and Ray should restart the actor instead."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return fn(*columns), [None] * len(columns[0])
+        except EngineDeadError:
+            raise
+        except Exception:  # noqa: BLE001 - find the bad row(s) below
+            pass
+        results, errors = [], []
+        for row in zip(*columns):
+            try:
+                results.append(fn(*([x] for x in row))[0])
+                errors.append(None)
+            except EngineDeadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported with the row's id by the stage
+                results.append(None)
+                errors.append(f"{what} failed: {type(e).__name__}: {e}"[:1000])
+        return results, errors
 
     def generate(self, prompt_ids: list[list[int]], params) -> list:
         from vllm.inputs import TokensPrompt
@@ -163,18 +190,9 @@ class Scorer(VLLMEngine):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, starts = batch["input_ids"].to_pylist(), batch["response_start"].to_pylist()
-        try:
-            results, errors = self.score(ids, starts, self.k), [None] * len(ids)
-        except Exception:  # noqa: BLE001 - find the bad row(s): score one at a time
-            results, errors = [], []
-            for row, start in zip(ids, starts):
-                try:
-                    results.append(self.score([row], [start], self.k)[0])
-                    errors.append(None)
-                except Exception as e:  # noqa: BLE001 - reported with the row's id by the stage
-                    results.append((np.zeros((0, self.k), np.int32), np.zeros((0, self.k), np.float32),
-                                    np.zeros(0, np.float32)))
-                    errors.append(f"scoring failed: {type(e).__name__}: {e}")
+        results, errors = self.per_row(lambda x, s: self.score(x, s, self.k), ids, starts, what="scoring")
+        empty = (np.zeros((0, self.k), np.int32), np.zeros((0, self.k), np.float32), np.zeros(0, np.float32))
+        results = [empty if r is None else r for r in results]
         columns = {**logprob_columns(results), **topk_columns(results, self.id_type, self.logprob_dtype),
                    "error": pa.array(errors, pa.string())}
         for name, col in columns.items():

@@ -158,8 +158,87 @@ def test_a_file_row_names_only_a_registered_task(tmp_path):
     assert dict(zip(table["id"].to_pylist(), table["task"].to_pylist())) == {"countdown": "countdown", "no-task": None}
     errors = {r["id"]: r["error"] for r in rejected}
     assert errors.keys() == {"typo", "number", "empty"}
-    assert errors["typo"].startswith("unknown task 'countdwn': `task` must name a reasoning-gym dataset")
+    assert errors["typo"].startswith("line 3: unknown task 'countdwn': `task` must name a reasoning-gym dataset")
     assert "unknown task 42" in errors["number"]
+
+
+def _rejected_file_rows(tmp_path):
+    """A JSONL file of two good rows and, between them, one bad row of each kind, to be rejected alone."""
+    lines = [
+        json.dumps(GOOD_1).encode(),
+        b'{"id": "latin-1", "prompt": "caf\xe9"}',  # line 2: not UTF-8
+        b'{"id": "surrogate-content", "prompt": "x \\ud800 y"}',  # a JSON escape that json.loads accepts
+        b'{"id": "surrogate-\\udfff", "prompt": "x"}',  # line 4: in the id itself
+        json.dumps({**GOOD_1, "id": "surrogate-reference", "reference": "\ud83d"}).encode(),
+        json.dumps({**GOOD_1, "id": "surrogate-metadata", "metadata": {"k": ["\udc80"]}}).encode(),
+        json.dumps({**GOOD_1, "id": "surrogate-role", "messages": [{"role": "user\ud800", "content": "q"}]}).encode(),
+        json.dumps({**GOOD_1, "id": "task-list", "task": ["countdown"]}).encode(),
+        json.dumps({**GOOD_1, "id": "metadata-list", "metadata": [1, 2]}).encode(),
+        json.dumps({**GOOD_1, "id": "metadata-text", "metadata": "not json"}).encode(),
+        b'{"id": "metadata-nan", "prompt": "q", "metadata": {"x": NaN}}',
+        json.dumps({**GOOD_1, "id": "has#hash"}).encode(),
+        json.dumps({**GOOD_1, "messages": [{"role": "user", "content": "a duplicate"}]}).encode(),  # line 13
+        json.dumps({"id": "good-3", "prompt": "\u00e9t\u00e9 \U0001F600", "metadata": '{"n": 1}'}).encode(),
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_every_bad_row_is_rejected_alone_with_its_line_or_id(tmp_path):
+    table, rejected = build_prompts(DataConfig(source="file", path=str(_rejected_file_rows(tmp_path))))
+    assert table["id"].to_pylist() == ["good-1", "good-3"]
+    good3 = table.to_pylist()[1]
+    assert good3["messages"][0]["content"] == "\u00e9t\u00e9 \U0001F600"  # valid UTF-8 beyond ASCII is kept
+    assert json.loads(good3["metadata"]) == {"n": 1}  # metadata given as JSON text of an object
+    errors = {r["id"]: r["error"] for r in rejected}
+    assert len(rejected) == len(errors) == 12
+    assert errors["<line 2>"].startswith("line 2: not valid UTF-8")  # the line is unreadable: no id
+    assert errors["surrogate-content"] == ("line 3: `prompt` holds '\\ud800', a lone surrogate that UTF-8 "
+                                           "cannot encode")
+    assert errors["<line 4>"].startswith("line 4: `id` holds '\\udfff'")  # not reported under that id
+    assert "`reference`" in errors["surrogate-reference"] and "\\ud83d" in errors["surrogate-reference"]
+    assert "`metadata`.k[0]" in errors["surrogate-metadata"]
+    assert "`messages`[0].role" in errors["surrogate-role"]
+    assert "unknown task ['countdown']" in errors["task-list"]
+    assert "`metadata` must be a JSON object, got list" in errors["metadata-list"]
+    assert "`metadata` is text but not JSON" in errors["metadata-text"]
+    assert "`metadata` is not plain JSON" in errors["metadata-nan"]
+    assert "contains '#'" in errors["has#hash"]
+    assert errors["good-1"] == "line 13: duplicate `id` (first on line 1)"
+    # the rejected file and the prompts table hold every row: nothing breaks Arrow's UTF-8
+    pa.Table.from_pylist(rejected, schema=pa.schema([("id", pa.string()), ("error", pa.string())]))
+
+
+def test_metadata_must_round_trip_through_json():
+    from proxykd.data import _metadata_json
+
+    assert _metadata_json(None) == "{}" and _metadata_json({"a": [1, {"b": None}]}) == '{"a": [1, {"b": null}]}'
+    for bad, why in [({1: "int key"}, "changes through JSON"), ({"t": (1, 2)}, "changes through JSON"),
+                     ({"d": {1, 2}}, "not plain JSON"), ({"x": float("inf")}, "not plain JSON"),
+                     ("[1]", "must be a JSON object, got list"), (3, "must be a JSON object, got int")]:
+        with pytest.raises(ValueError, match=why):
+            _metadata_json(bad)
+
+
+def test_a_parquet_row_with_invalid_utf8_is_rejected_alone(tmp_path):
+    """Arrow reads a Parquet string column without checking its UTF-8; the row fails alone."""
+    data = b"good-1" + b"bad\xff" + b"p2"
+    offsets = pa.array([0, 6, 10, 12], pa.int32()).buffers()[1]
+    ids = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(data)])
+    messages = pa.array([GOOD_1["messages"]] * 3)
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": ids, "messages": messages}), path)
+    table, rejected = build_prompts(DataConfig(source="file", path=str(path)))
+    assert table["id"].to_pylist() == ["good-1", "p2"]
+    assert [r["id"] for r in rejected] == ["<row 2>"] and rejected[0]["error"].startswith("row 2: not valid UTF-8")
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_read(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_1).encode() + b"\r\n" + json.dumps(FROM_PROMPT).encode() + b"\r\n")
+    table, rejected = build_prompts(DataConfig(source="file", path=str(path)))
+    assert rejected == [] and table["id"].to_pylist() == ["good-1", "from-prompt"]
 
 
 def test_row_without_id_reported_with_line_marker(tmp_path):
@@ -220,7 +299,7 @@ def test_build_prompts_reasoning_gym():
         assert r["reference"] is not None and r["reference"] != ""
         assert r["messages"][-1]["role"] == "user" and r["messages"][-1]["content"].strip()
         assert r["split"] == assign_split(r["id"], cfg)
-        json.loads(r["metadata"])  # valid JSON
+        assert json.loads(r["metadata"])["source_dataset"] == "basic_arithmetic"  # a JSON object, not JSON text of one
         assert score(r["task"], r["reference"], r["reference"], r["metadata"]) == 1.0
         wrong = str(int(r["reference"]) + 1) if r["reference"].lstrip("-").isdigit() else r["reference"] + "0"
         assert score(r["task"], wrong, r["reference"], r["metadata"]) < 1.0

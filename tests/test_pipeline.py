@@ -74,13 +74,47 @@ def _submit(address: str, config: Path) -> str:
     return out
 
 
+# Bad rows among the good ones of the prompt file, each with a reference (the local teacher would
+# answer it): (line text, the id it is rejected under, what its error says).
+BAD_ROWS = [
+    (b'{"id": "not-utf8", "prompt": "caf\xe9", "reference": "1"}', "<line {n}>", "not valid UTF-8"),
+    (b'{"id": "surrogate", "prompt": "1 + \\ud800 = ?", "reference": "1"}', "surrogate", "lone surrogate"),
+    (b'{"id": "task-number", "prompt": "1 + 1 = ?", "reference": "2", "task": 7}', "task-number", "unknown task 7"),
+    (b'{"id": "metadata-list", "prompt": "1 + 1 = ?", "reference": "2", "metadata": [1]}', "metadata-list",
+     "must be a JSON object"),
+    (b'{"id": "hash#1", "prompt": "1 + 1 = ?", "reference": "2"}', "hash#1", "contains '#'"),
+    (b'{"id": "basic_arithmetic-0-0", "prompt": "2 + 2 = ?", "reference": "4"}', "basic_arithmetic-0-0",
+     "duplicate `id` (first on line 1)"),
+    (b'{"id": "truncated", "prompt": ', "<line {n}>", "not valid JSON"),
+]
+
+
+def _prompt_file(path: Path, tree: dict) -> list[tuple[str, str]]:
+    """The tiny config's reasoning-gym rows as a JSONL prompt file with BAD_ROWS between them;
+    returns (id, error fragment) of each bad row."""
+    from proxykd.config import DataConfig
+    from proxykd.data import reasoning_gym_rows
+
+    lines = [json.dumps(r).encode() for r in reasoning_gym_rows(DataConfig(**tree["data"]))]
+    expected = []
+    for i, (line, rid, why) in enumerate(BAD_ROWS):
+        n = 2 + 3 * i  # 1-based line number once inserted: every third line, after the first
+        lines.insert(n - 1, line)
+        expected.append((rid.format(n=n), f"line {n}: ", why))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return expected
+
+
 @pytest.fixture(scope="module")
 def run(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
+    tree = tiny_config(root / "run", align={"rows_per_round": 8})
+    bad = _prompt_file(root / "prompts.jsonl", tree)
+    tree["data"] = {**tree["data"], "source": "file", "path": str(root / "prompts.jsonl")}
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(root / "run", align={"rows_per_round": 8})))
+    config.write_text(yaml.safe_dump(tree))
     out = _submit(cluster, config)
-    return {"cluster": cluster, "config": config, "run_dir": root / "run", "output": out}
+    return {"cluster": cluster, "config": config, "run_dir": root / "run", "output": out, "bad": bad}
 
 
 def manifest(run, stage):
@@ -108,6 +142,20 @@ def test_prompts_and_teacher_artifacts(run):
     assert len({json.dumps(m) for m in prompts["messages"].to_pylist()}) == teacher.num_rows
     assert teacher["error"].null_count == teacher.num_rows
     assert manifest(run, "teacher")["rows"]["ok"] == prompts.num_rows
+
+
+def test_every_bad_prompt_row_is_named_and_the_good_rows_reach_the_eval(run):
+    prompts = pq.read_table(run["run_dir"] / "prompts" / "prompts.parquet")
+    assert prompts.num_rows == 60 and len(set(prompts["id"].to_pylist())) == 60  # every good row
+    rejected = pq.read_table(run["run_dir"] / "prompts" / "rejected.parquet").to_pylist()
+    assert manifest(run, "prompts")["rejected_count"] == len(rejected) == len(BAD_ROWS)
+    for got, (rid, where, why) in zip(rejected, run["bad"]):
+        assert got["id"] == rid and got["error"].startswith(where) and why in got["error"], got
+    # none of them went on: the eval scores every eval row, and nothing else
+    results = pq.read_table(run["run_dir"] / "eval" / "results.parquet")
+    eval_ids = {r["id"] for r in prompts.select(["id", "split"]).to_pylist() if r["split"] == "eval"}
+    assert eval_ids and set(results["id"].to_pylist()) == eval_ids
+    assert manifest(run, "eval")["failed_count"] == 0
 
 
 def test_align_rounds_and_logits_contract(run):

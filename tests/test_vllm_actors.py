@@ -4,8 +4,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import assert_topk_matches
+from conftest import assert_topk_matches, student_split
 
+from proxykd import scoring
 from proxykd.config import ModelConfig, ResourcesConfig, TinyModelSpec
 from proxykd.encode import IDS
 from proxykd.models import load_tokenizer, materialize_model
@@ -141,17 +142,112 @@ def test_topk_columns_by_hand():
     assert cols["ll"][0].as_py() == -0.375 and np.isnan(cols["ll"][1].as_py())
 
 
-def test_evaluator_greedy_answers_and_teacher_scores(model, scorer):
-    from transformers import AutoModelForCausalLM
+def test_per_row_retries_each_row_alone_when_the_batch_fails():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from proxykd.vllm_actors import VLLMEngine
+
+    engine, calls = VLLMEngine.__new__(VLLMEngine), []
+
+    def double(xs, ys):  # refuses any batch holding a negative x
+        calls.append(len(xs))
+        if any(x < 0 for x in xs):
+            raise ValueError(f"negative {min(xs)}")
+        return [2 * x + y for x, y in zip(xs, ys)]
+
+    assert engine.per_row(double, [1, 2], [0, 1], what="doubling") == ([2, 5], [None, None])
+    calls.clear()
+    assert engine.per_row(double, [1, -3, 2], [0, 0, 1], what="doubling") == (
+        [2, None, 5], [None, "doubling failed: ValueError: negative -3", None])
+    assert calls == [3, 1, 1, 1]
+
+    def dead(xs, ys):
+        raise EngineDeadError()
+
+    with pytest.raises(EngineDeadError):  # every row would fail: the actor must restart instead
+        engine.per_row(dead, [1], [0], what="doubling")
+
+
+@pytest.fixture(scope="module")
+def evaluator(scorer):
+    """An Evaluator on the scorer's engine: one engine per module keeps this file fast."""
+    from vllm import SamplingParams
 
     from proxykd.evaluate import Evaluator
 
-    # Reuses the scorer's engine: one engine per module keeps this file fast.
     evaluator = Evaluator.__new__(Evaluator)
     evaluator.llm = scorer.llm
+    evaluator.params = SamplingParams(temperature=0.0, max_tokens=6)
+    return evaluator
+
+
+def _with_bad_rows(encoded):
+    """The examples with, between them, one row over the engine's max_model_len (512) and one
+    holding a token id outside the vocabulary: rows vLLM refuses."""
+    over = ([*encoded[0][0], *[7] * 600], encoded[0][1])
+    unknown = ([*encoded[1][0][:4], 100_000, *encoded[1][0][4:]], encoded[1][1] + 1)
+    return _batch([encoded[0], over, encoded[1], unknown, encoded[2]], ids=("a", "over", "b", "unknown", "c"))
+
+
+def test_evaluator_reports_rows_vllm_refuses_and_answers_the_rest(evaluator, reference):
+    from proxykd.evaluate import scored_results
+
+    encoded, _ = reference
+    clean = evaluator(_batch(encoded)).to_pylist()
+    out = evaluator(_with_bad_rows(encoded)).to_pylist()
+    assert [r["id"] for r in out] == ["a", "over", "b", "unknown", "c"]
+    assert "eval failed" in out[1]["error"] and "512" in out[1]["error"]
+    assert "eval failed" in out[3]["error"] and "100000" in out[3]["error"]
+    for bad in (out[1], out[3]):
+        assert bad["sample"] is None and bad["teacher_ll"] is None and bad["teacher_top1"] is None
+    for got, want in zip([out[0], out[2], out[4]], clean):  # the good rows as in a clean batch
+        assert got["error"] is None and got["sample"] == want["sample"]
+        assert got["teacher_ll"] == pytest.approx(want["teacher_ll"], abs=1e-5)
+        assert got["teacher_top1"] == pytest.approx(want["teacher_top1"])
+    # what the eval stage makes of them: an unanswered row scores 0 and says why
+    prompts, _ = student_split([(r["id"], "q", "", "stop") for r in out])
+    prompts = prompts.set_column(2, "reference", pa.array(["x"] * len(out), pa.string()))
+    try:
+        results = scored_results(prompts, "student", [{"text": r["sample"], **r} for r in out])
+    finally:
+        scoring.close()
+    assert [(r["id"], r["generation"] is None, r["score"]) for r in results if r["score_error"]] == [
+        ("over", True, 0.0), ("unknown", True, 0.0)]
+    assert results[1]["score_error"] == out[1]["error"] and np.isnan(results[1]["teacher_ll"])
+
+
+def test_round_sampler_reports_rows_vllm_refuses_and_pairs_the_rest(model, scorer, reference):
     from vllm import SamplingParams
 
-    evaluator.params = SamplingParams(temperature=0.0, max_tokens=6)
+    from proxykd.align import RoundSampler, split_refused
+
+    sampler = RoundSampler.__new__(RoundSampler)  # on the scorer's engine, as the evaluator
+    sampler.llm = scorer.llm
+    sampler.params = SamplingParams(temperature=1.0, max_tokens=6)
+    sampler.eos, sampler.max_length, sampler.seed = load_tokenizer(model).eos_token_id, 512, "0:round-1"
+    encoded, _ = reference
+    clean = sampler(_batch(encoded)).to_pylist()
+    out = sampler(_with_bad_rows(encoded))
+    assert out.schema.field("chosen_input_ids").type == IDS and out.schema.field("ref_chosen_logp").type == pa.float64()
+    out = out.to_pylist()
+    assert [r["id"] for r in out] == ["a", "over", "b", "unknown", "c"]
+    assert "sampling failed" in out[1]["error"] and "sampling failed" in out[3]["error"]
+    for bad in (out[1], out[3]):
+        assert bad["rejected"] is None and bad["ref_chosen_logp"] is None and bad["chosen_input_ids"] is None
+    for got, want in zip([out[0], out[2], out[4]], clean):  # one seed per row: the same sample alone or not
+        assert got["error"] is None and got["rejected"] == want["rejected"]
+        assert got["rejected_input_ids"] == want["rejected_input_ids"]
+        assert got["ref_chosen_logp"] == pytest.approx(want["ref_chosen_logp"], abs=1e-4)
+        assert got["ref_rejected_logp"] == pytest.approx(want["ref_rejected_logp"], abs=1e-4)
+    # what the align stage keeps: the good pairs to train on, the refused rows to report
+    pairs, refused = split_refused(pa.Table.from_pylist(out))
+    assert pairs["id"].to_pylist() == ["a", "b", "c"] and "error" not in pairs.column_names
+    assert [r["id"] for r in refused] == ["over", "unknown"]
+
+
+def test_evaluator_greedy_answers_and_teacher_scores(model, evaluator):
+    from transformers import AutoModelForCausalLM
+
     tok = load_tokenizer(model)
     encoded = [encode_example(tok, m, r, 512) for m, r in EXAMPLES]
     batch = pa.table({"id": ["a", "b", "c"], "input_ids": pa.array([e[0] for e in encoded], IDS),
