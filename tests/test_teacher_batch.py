@@ -36,7 +36,7 @@ def _setup(tmp_path, monkeypatch, port, **teacher_cfg):
 
 
 def _stage(cfg, prompts):
-    return teacher_batch.run(cfg.teacher, prompts, "p", cfg.run_dir)
+    return teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
 
 
 def _unique(cfg, prompts):
@@ -101,7 +101,7 @@ def test_a_killed_stage_reattaches_to_its_batches_instead_of_buying_again(tmp_pa
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     script = tmp_path / "stage.py"
     script.write_text(textwrap.dedent(f"""
-        from proxykd import teacher_batch as teacher
+        from proxykd import teacher
         from proxykd.config import RunConfig
         from proxykd.data import build_prompts
         cfg = RunConfig.model_validate_json(open({str(tmp_path / "cfg.json")!r}).read())
