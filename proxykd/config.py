@@ -329,6 +329,11 @@ class ResourcesConfig(_Strict):
     vllm_enforce_eager: Optional[bool] = Field(
         None, description="vLLM without graph capture/compilation: null = on CPU only, where the compile "
         "warm-up costs each engine start about 20 s and buys little")
+    vllm_in_process: Optional[bool] = Field(
+        None, description="run vLLM's engine core and its one worker inside the actor's process (no engine-core "
+        "and worker processes): null = on CPU only, where those two processes, each importing vLLM and torch, "
+        "cost every engine start 15 s or more; on GPU the engine-core process overlaps scheduling with the "
+        "model. Ignored with tensor parallelism (vllm_gpus_per_actor >= 2)")
 
 
 class RayConfig(_Strict):

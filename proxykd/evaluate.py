@@ -9,6 +9,7 @@ and the manifest's `failed_*` names it with the model."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -23,21 +24,33 @@ from proxykd.data import extract_answer
 from proxykd.encode import encode_split
 from proxykd.models import load_tokenizer, model_max_length
 from proxykd.scoring import score_many
-from proxykd.vllm_actors import VLLMEngine, engine_kwargs, map_kwargs, top1_hits
+from proxykd.vllm_actors import VLLMEngine, engine_kwargs, engine_shape, map_kwargs, top1_hits
 
 log = logging.getLogger("proxykd")
 
 
 class Evaluator(VLLMEngine):
     """Adds `sample` (the model's answer), `teacher_ll`, `teacher_top1` and `error` to batches with
-    `input_ids` (prompt + teacher answer) and `response_start`. A row vLLM refuses gets `error`
-    (and nulls) instead of failing its batch."""
+    `model` (a key of `models`), `input_ids` (prompt + teacher answer) and `response_start`. The
+    models share this engine: each run of rows of one model swaps its weights in (`load`). A row
+    vLLM refuses gets `error` (and nulls) instead of failing its batch."""
+
+    def __init__(self, engine: dict, models: dict[str, str], kv_cache_gb: int = 1, sampling: dict | None = None):
+        super().__init__(engine, kv_cache_gb, sampling)
+        self.models = models
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = batch["model"].to_pylist()
         ids, starts = batch["input_ids"].to_pylist(), batch["response_start"].to_pylist()
-        results, errors = self.per_row(self._answer, ids, starts, what="eval")
-        results = [r or (None, None, None) for r in results]
+        results, errors = [], []
+        for key, rows in itertools.groupby(range(len(keys)), key=keys.__getitem__):
+            rows = list(rows)
+            self.load(self.models[key])
+            r, e = self.per_row(self._answer, [ids[i] for i in rows], [starts[i] for i in rows], what="eval")
+            results += [x or (None, None, None) for x in r]
+            errors += e
         return pa.table({
+            "model": batch["model"],
             "id": batch["id"],
             "sample": pa.array([r[0] for r in results], pa.string()),
             "teacher_ll": pa.array([r[1] for r in results], pa.float64()),
@@ -58,14 +71,20 @@ def config_hash(cfg: RunConfig, distill_hash: str) -> str:
     return fingerprint(distill_hash, cfg.eval, cfg.seed)
 
 
-def evaluate_model(cfg: RunConfig, model_path: str, rows: pa.Table) -> pa.Table:
+def evaluate_models(cfg: RunConfig, models: dict[str, str], rows: pa.Table) -> pa.Table:
+    """Every model of `models` (key: path, all of one `engine_shape`) on `rows`, through one pool
+    of engines that swap the models' weights in turn (vLLM in Ray Data)."""
     import ray
 
-    ds = artifacts.to_dataset(rows.select(["id", "input_ids", "response_start"]), 64).map_batches(
+    first = next(iter(models.values()))
+    rows = rows.select(["id", "input_ids", "response_start"])
+    table = pa.concat_tables([rows.append_column("model", pa.array([key] * rows.num_rows, pa.string()))
+                              for key in models])
+    ds = artifacts.to_dataset(table, 64).map_batches(
         Evaluator,
         fn_constructor_kwargs={
-            "engine": engine_kwargs(model_path, model_max_length(model_path), cfg.seed, cfg.resources,
-                                    cfg.student.dtype),
+            "engine": engine_kwargs(first, model_max_length(first), cfg.seed, cfg.resources, cfg.student.dtype),
+            "models": models,
             "sampling": {"temperature": cfg.eval.temperature, "max_tokens": cfg.eval.max_tokens, "seed": cfg.seed},
             "kv_cache_gb": cfg.resources.vllm_kv_cache_gb,
         },
@@ -122,13 +141,24 @@ def _float(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def model_results(cfg: RunConfig, prompts: pa.Table, name: str, model_path: str, rows: pa.Table) -> list[dict]:
-    """Generate with `model_path` on `rows` (vLLM in Ray Data) and score the answers."""
-    gens = evaluate_model(cfg, model_path, rows).to_pylist()
-    for g in gens:
-        if g["error"]:
-            log.warning("eval: %s could not answer %s (scored 0): %s", name, g["id"], g["error"])
-    return scored_results(prompts, name, [{"text": g["sample"], **g} for g in gens])
+def models_results(cfg: RunConfig, prompts: pa.Table, models: dict[str, str], rows: pa.Table) -> dict[str, list[dict]]:
+    """Generate with each model (key: path) on `rows` and score the answers: {key: results rows}.
+    Models of one shape (`engine_shape`: students of one run, proxies of one run) go through one
+    engine, so N models cost one engine start instead of N."""
+    groups: dict[str, dict[str, str]] = {}
+    for key, path in models.items():
+        groups.setdefault(engine_shape(path), {})[key] = path
+    out = {}
+    for group in groups.values():
+        log.info("eval: %s on %d prompts (one engine)", ", ".join(group), rows.num_rows)
+        gens = evaluate_models(cfg, group, rows).to_pylist()
+        for key in group:
+            mine = [g for g in gens if g["model"] == key]
+            for g in mine:
+                if g["error"]:
+                    log.warning("eval: %s could not answer %s (scored 0): %s", key, g["id"], g["error"])
+            out[key] = scored_results(prompts, key, [{"text": g["sample"], **g} for g in mine])
+    return {key: out[key] for key in models}
 
 
 def teacher_results(prompts: pa.Table, rows: pa.Table) -> list[dict]:
@@ -147,9 +177,9 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, models: dict[str, 
         raise RuntimeError("eval: no eval prompt has a teacher answer; raise data.eval_fraction")
     out = teacher_results(prompts, rows)
     # Baseline before Proxy-KD, so the table reads top-down.
-    for name in sorted(models, key=lambda n: n != "baseline"):
-        log.info("eval: the %s student on %d prompts", name, rows.num_rows)
-        out += model_results(cfg, prompts, name, models[name], rows)
+    students = models_results(cfg, prompts, {n: models[n] for n in sorted(models, key=lambda n: n != "baseline")}, rows)
+    for results in students.values():
+        out += results
     results = pa.Table.from_pylist(out)
     # kept in the results, scored 0 (see scored_results), and named here with the model
     failed = [{"id": r["id"], "error": f"{r['model']}: {r['score_error']}"} for r in out if r["generation"] is None]

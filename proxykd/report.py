@@ -166,18 +166,26 @@ class Report:
                       "divergence": d.divergence, "tail": d.tail, "jsd_beta": d.jsd_beta}))
         return str(out_dir / training.MODEL_DIR)
 
-    def results(self, key: str, model: str, split: str, rows: pa.Table) -> pa.Table:
-        path = self.folder / "results" / split / f"{key}.parquet"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if model == "teacher":
-                out = evaluate.teacher_results(self.prompts, rows)
-            else:
-                log.info("report: %s on %d %s items", key, rows.num_rows, split)
-                out = self._timed(f"eval ({split})", lambda: evaluate.model_results(
-                    self.cfg, self.prompts, key, model, rows))
-            artifacts.write_table_atomic(pa.Table.from_pylist(out), path)
-        return pq.read_table(path)
+    def results(self, split: str, models: dict[str, str], rows: pa.Table) -> dict[str, pa.Table]:
+        """Per-item results of each model (key: path, or "teacher") on one split. The models not yet
+        evaluated go through one call, so models of one shape share one vLLM engine (it swaps their
+        weights in place) instead of starting an engine each."""
+        paths = {key: self.folder / "results" / split / f"{key}.parquet" for key in models}
+        todo = {key: model for key, model in models.items() if not paths[key].exists()}
+        if "teacher" in todo:
+            self._write_results(paths["teacher"], evaluate.teacher_results(self.prompts, rows))
+            del todo["teacher"]
+        if todo:
+            log.info("report: %s on %d %s items", ", ".join(todo), rows.num_rows, split)
+            out = self._timed(f"eval ({split})", lambda: evaluate.models_results(self.cfg, self.prompts, todo, rows))
+            for key, results in out.items():
+                self._write_results(paths[key], results)
+        return {key: pq.read_table(path) for key, path in paths.items()}
+
+    @staticmethod
+    def _write_results(path: Path, results: list[dict]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_table_atomic(pa.Table.from_pylist(results), path)
 
     def choose(self, arm: str, candidates: list[tuple[float, float]], rows: dict[str, pa.Table],
                dev: pa.Table) -> tuple[tuple[float, float], list[dict]]:
@@ -185,10 +193,11 @@ class Report:
         seed = self.cfg.report.seeds[0]
         if len(candidates) == 1:
             return candidates[0], []
+        models = {f"{arm}-{setting_name(arm, alpha, lr, seed)}": self.train(arm, alpha, lr, seed, rows)
+                  for alpha, lr in candidates}
         tried = []
-        for alpha, lr in candidates:
-            model = self.train(arm, alpha, lr, seed, rows)
-            summary = accuracy_summary(self.results(f"{arm}-{setting_name(arm, alpha, lr, seed)}", model, "dev", dev))
+        for (alpha, lr), results in zip(candidates, self.results("dev", models, dev).values()):
+            summary = accuracy_summary(results)
             tried.append({"arm": arm, "alpha": alpha, "lr": lr, **summary})
             log.info("report: dev %s α=%g lr=%g: accuracy %.3f", arm, alpha, lr, summary["accuracy"])
         best = pick_best(tried)
@@ -229,7 +238,7 @@ class Report:
             settings[key] = {"alpha": a, "lr": lr, "seed": seed, "dir": str(Path(models[key]).parent)}
         references = {"proxy-aligned": self.proxy_aligned, "proxy-unaligned": self.proxy_init, "teacher": "teacher"}
 
-        results = {key: self.results(key, path, "eval", eval_rows) for key, path in {**models, **references}.items()}
+        results = self.results("eval", {**models, **references}, eval_rows)
         summaries = {key: accuracy_summary(r) for key, r in results.items()}
         differences = {}
         for i, seed in enumerate(rc.seeds):

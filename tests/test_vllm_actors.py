@@ -176,9 +176,13 @@ def evaluator(scorer):
     from proxykd.evaluate import Evaluator
 
     evaluator = Evaluator.__new__(Evaluator)
-    evaluator.llm = scorer.llm
+    evaluator.llm, evaluator.model, evaluator.models = scorer.llm, scorer.model, {"m": scorer.model}
     evaluator.params = SamplingParams(temperature=0.0, max_tokens=6)
     return evaluator
+
+
+def _for_model(batch: pa.Table, key: str = "m") -> pa.Table:
+    return batch.append_column("model", pa.array([key] * batch.num_rows, pa.string()))
 
 
 def _with_bad_rows(encoded):
@@ -193,8 +197,8 @@ def test_evaluator_reports_rows_vllm_refuses_and_answers_the_rest(evaluator, ref
     from proxykd.evaluate import scored_results
 
     encoded, _ = reference
-    clean = evaluator(_batch(encoded)).to_pylist()
-    out = evaluator(_with_bad_rows(encoded)).to_pylist()
+    clean = evaluator(_for_model(_batch(encoded))).to_pylist()
+    out = evaluator(_for_model(_with_bad_rows(encoded))).to_pylist()
     assert [r["id"] for r in out] == ["a", "over", "b", "unknown", "c"]
     assert "eval failed" in out[1]["error"] and "512" in out[1]["error"]
     assert "eval failed" in out[3]["error"] and "100000" in out[3]["error"]
@@ -252,7 +256,7 @@ def test_evaluator_greedy_answers_and_teacher_scores(model, evaluator):
     encoded = [encode_example(tok, m, r, 512) for m, r in EXAMPLES]
     batch = pa.table({"id": ["a", "b", "c"], "input_ids": pa.array([e[0] for e in encoded], IDS),
                       "response_start": pa.array([e[1] for e in encoded], pa.int32())})
-    first, second = evaluator(batch), evaluator(batch)
+    first, second = evaluator(_for_model(batch)), evaluator(_for_model(batch))
     assert first["sample"].to_pylist() == second["sample"].to_pylist()  # greedy: deterministic
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     for row, (ids, start) in zip(first.to_pylist(), encoded):
@@ -277,3 +281,52 @@ def test_seeded_sampling_of_a_batch_over_the_prefill_chunk_budget(scorer):
     assert len(first) == 64 and all(1 <= len(t) <= 4 for t in first)
     assert first == again  # one seed per row: reproducible
     assert len({tuple(t) for t in first}) > 1
+
+
+def test_engine_shape_groups_checkpoints_one_engine_can_serve(model, tmp_path):
+    from proxykd.vllm_actors import engine_shape
+
+    same = materialize_model(ModelConfig(tiny=TinyModelSpec()), tmp_path / "other-seed", seed=4)
+    wider = materialize_model(ModelConfig(tiny=TinyModelSpec(hidden_size=128)), tmp_path / "wider", seed=3)
+    assert engine_shape(same) == engine_shape(model) != engine_shape(wider)
+    retokenised = tmp_path / "retokenised"
+    import shutil
+
+    shutil.copytree(same, retokenised)
+    (retokenised / "tokenizer_config.json").write_text((retokenised / "tokenizer_config.json").read_text()
+                                                       .replace("}", ', "model_max_length": 64}', 1))
+    assert engine_shape(str(retokenised)) != engine_shape(model)  # another tokenizer setting: its own engine
+    assert engine_shape("org/hub-model") == "org/hub-model"
+
+
+def test_evaluator_swaps_models_of_one_shape_in_place(model, evaluator, reference, tmp_path):
+    """Rows of two checkpoints of one shape in one batch (runs p, q, p): each row is scored by its
+    own model's weights, as a transformers forward of that model scores it."""
+    from transformers import AutoModelForCausalLM
+
+    other = materialize_model(ModelConfig(tiny=TinyModelSpec()), tmp_path / "other", seed=4)
+    encoded, logps = reference
+    hf = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).eval()
+    other_logps = []
+    for ids, start in encoded:
+        with torch.no_grad():
+            other_logps.append(torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)[start - 1:len(ids) - 1])
+    batch = pa.concat_tables([_for_model(_batch(encoded[:2], ids=("p0", "p1")), "p"),
+                              _for_model(_batch(encoded, ids=("q0", "q1", "q2")), "q"),
+                              _for_model(_batch(encoded[2:], ids=("p2",)), "p")])
+    evaluator.models = {"p": model, "q": other}
+    try:
+        out = evaluator(batch).to_pylist()
+    finally:
+        evaluator.load(model)  # the module's engine serves the first model again
+        evaluator.models = {"m": model}
+    assert [r["model"] for r in out] == ["p", "p", "q", "q", "q", "p"]
+    for r in out:
+        i = int(r["id"][1])
+        ids, start = encoded[i]
+        ref = (logps if r["model"] == "p" else other_logps)[i]
+        want = ref[torch.arange(len(ids) - start), torch.tensor(ids[start:])].numpy().mean()
+        assert r["error"] is None and r["teacher_ll"] == pytest.approx(float(want), abs=TOL)
+    p_ll = {r["id"][1]: r["teacher_ll"] for r in out if r["model"] == "p"}
+    q_ll = {r["id"][1]: r["teacher_ll"] for r in out if r["model"] == "q"}
+    assert max(abs(p_ll[i] - q_ll[i]) for i in p_ll) > 3 * TOL  # the two models do differ (the check can fail)
