@@ -53,8 +53,8 @@ def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: Resources
 
 def engine_shape(model_path: str) -> str:
     """Models with the same shape can share one engine (`VLLMEngine.load`): the same config.json
-    but for its name and transformers version, and the same tokenizer files. A hub id or a folder
-    without a config is a shape of its own."""
+    and tokenizer files, but for what names the folder or how it was loaded (a trained copy of a
+    model re-saves them with such keys). A hub id or a folder without a config is a shape of its own."""
     import hashlib
     import json
     from pathlib import Path
@@ -62,18 +62,25 @@ def engine_shape(model_path: str) -> str:
     folder = Path(model_path)
     if not (folder / "config.json").is_file():
         return model_path
-    config = json.loads((folder / "config.json").read_text())
-    for key in ("_name_or_path", "transformers_version"):
-        config.pop(key, None)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            digest.update(name.encode() + (folder / name).read_bytes())
+    digest = hashlib.sha256()
+    for name in ("config.json", *TOKENIZER_FILES):
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if name.endswith(".json"):
+            content = json.loads(data)
+            if isinstance(content, dict):
+                content = {k: v for k, v in content.items() if k not in NOT_SHAPE_KEYS}
+            data = json.dumps(content, sort_keys=True).encode()
+        digest.update(name.encode() + b"\0" + data + b"\0")
     return digest.hexdigest()[:16]
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "generation_config.json")
+                   "chat_template.jinja", "generation_config.json")
+NOT_SHAPE_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "is_local", "local_files_only",
+                  "_commit_hash"}
 
 
 def map_kwargs(res: ResourcesConfig, batch_size: int) -> dict:
