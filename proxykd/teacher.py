@@ -32,6 +32,7 @@ import os
 import random
 import time
 import uuid
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -122,6 +123,14 @@ def prompt_problem(messages, max_prompt_tokens: int) -> Optional[str]:
 def cost(cfg: TeacherConfig, prompt_tokens: float, completion_tokens: float) -> float:
     return (prompt_tokens * cfg.price_per_million_prompt_tokens
             + completion_tokens * cfg.price_per_million_completion_tokens) / 1e6
+
+
+def batch_cost(cfg: TeacherConfig, prompt_tokens: float, completion_tokens: float) -> float:
+    """USD at the batch prices (the online ones × batch_discount, where not given)."""
+    pp, cp = cfg.batch_price_per_million_prompt_tokens, cfg.batch_price_per_million_completion_tokens
+    pp = cfg.price_per_million_prompt_tokens * cfg.batch_discount if pp is None else pp
+    cp = cfg.price_per_million_completion_tokens * cfg.batch_discount if cp is None else cp
+    return (prompt_tokens * pp + completion_tokens * cp) / 1e6
 
 
 def backoff_s(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -633,11 +642,16 @@ def _answers(cfg: TeacherConfig, prompts: pa.Table, ok: pa.Table, keys: list[str
     return pa.Table.from_pylist(out, schema=pa.schema([TEACHER_SCHEMA.field(c) for c in ANSWER_COLUMNS]))
 
 
-def _spent(cfg: TeacherConfig, table: pa.Table) -> tuple[float, int]:
-    """What everything stored has cost (USD, tokens), failures with reported usage included."""
+def _spent(cfg: TeacherConfig, table: pa.Table, folder: Path) -> tuple[float, int]:
+    """What everything stored in `folder` has cost (USD, tokens), failures with reported usage
+    included, each at the price it was bought at: the tokens of the batches collected there (batch
+    mode's ledger) at the batch price, the rest (online) at the online price."""
+    from proxykd import teacher_batch  # (it imports this module)
+
     pt = int(pc.sum(table["prompt_tokens"]).as_py() or 0)
     ct = int(pc.sum(table["completion_tokens"]).as_py() or 0)
-    return cost(cfg, pt, ct), pt + ct
+    bpt, bct = teacher_batch.collected_tokens(folder)
+    return cost(cfg, max(0, pt - bpt), max(0, ct - bct)) + batch_cost(cfg, bpt, bct), pt + ct
 
 
 def _final(table: pa.Table) -> dict[str, dict]:
@@ -752,7 +766,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
 
     governor = None
     if needs_governor(cfg):
-        governor = ray.remote(num_cpus=0)(Governor).remote(cfg.model_dump(), *_spent(cfg, stored))
+        governor = ray.remote(num_cpus=0)(Governor).remote(cfg.model_dump(), *_spent(cfg, stored, folder))
     totals = {"ok": 0, "failed": 0, "rejected": 0, "budget": 0, **dict.fromkeys(COUNTERS, 0)}
     stopped = None
     server = _local_teacher(prompts) if cfg.base_url is None else nullcontext()
@@ -796,11 +810,22 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         log.warning("teacher: stopped early, %s; %d prompts not asked (they are asked on the next run)",
                     stopped, totals["budget"])
 
+    return _finish(cfg, prompts, prompts_content_hash, h, started, folder, keys, rejected, todo.num_rows,
+                   totals, stopped)
+
+
+def _finish(cfg: TeacherConfig, prompts: pa.Table, prompts_hash: str, h: str, started: float, folder: Path,
+            keys: list[str], rejected: list[dict], asked: int, totals: dict, stopped: Optional[str],
+            batches: Optional[dict] = None) -> dict:
+    """The end of the stage in either mode: every prompt's outcome from what is stored (ok, failed,
+    not asked, answers rejected), logged, and the manifest and rejected.parquet written. `keys`:
+    the prompts' `request_keys`; `asked`: prompts asked this run; `totals`: this run's requests,
+    retries, rate_limited and tokens; `stopped`: why the budget stopped it; `batches`: batch mode's
+    batch counts (the manifest then says `mode: batch` and prices this run's tokens at the batch
+    price)."""
     stored = _stored(folder)  # (again: this run's journals were just folded in)
     got = _answers(cfg, prompts, _ok(stored), keys)
-    samples: dict[str, int] = {}
-    for rid in got["id"].to_pylist():
-        samples[rid] = samples.get(rid, 0) + 1
+    samples = Counter(got["id"].to_pylist())
     errors, final = _errors(stored), _final(stored)
     rejected_ids = {r["id"] for r in rejected}
     failed, not_asked, rejected_answers = [], [], []
@@ -822,31 +847,37 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     for r in (failed + not_asked)[:20]:
         log.warning("teacher: %s has no response (asked again on the next run): %s", r["id"], r["error"])
     ok = _ok(stored, sorted(set(got["request_key"].to_pylist())))
-    total_cost, total_tokens = _spent(cfg, stored)
+    total_cost, total_tokens = _spent(cfg, stored, folder)
+    batch = batches is not None
+    price = batch_cost if batch else cost
+    batch_prices = {"batch_prices_per_million": [round(batch_cost(cfg, 1e6, 0), 6),
+                                                 round(batch_cost(cfg, 0, 1e6), 6)]} if batch else {}
     return artifacts.write_manifest(
         folder,
         "teacher",
         h,
         started,
-        inputs={"prompts": prompts_content_hash, "base_url": cfg.base_url or "local-teacher", "model": cfg.model,
+        **({"mode": "batch"} if batch else {}),
+        inputs={"prompts": prompts_hash, "base_url": cfg.base_url or "local-teacher", "model": cfg.model,
                 "endpoint": cfg.endpoint, "n": cfg.n},
         # ok: prompts with all n samples; failed + not_asked: the prompts the next run asks again.
-        rows={"prompts": prompts.num_rows, "asked": todo.num_rows, "ok": len(samples) - sum(
-                  1 for v in samples.values() if v < cfg.n),
+        rows={"prompts": prompts.num_rows, "asked": asked, "ok": sum(1 for v in samples.values() if v == cfg.n),
               "samples_ok": got.num_rows, "failed": len(failed), "not_asked": len(not_asked),
-              "rejected": len(rejected), "rejected_answers": len(rejected_answers),
-              "cut_off": cut_off},
+              "rejected": len(rejected), "rejected_answers": len(rejected_answers), "cut_off": cut_off},
         failed_ids=[r["id"] for r in failed + not_asked][:1000],
         # What downstream stages hash: changes whenever a retry adds responses.
         responses_hash=fingerprint(sorted(ok["request_key"].to_pylist())),
-        # This run's calls (billed failures such as empty answers included), and all stored ones.
+        # This run's calls (billed failures such as empty answers included; in batch mode, the lines
+        # put in batch files, retries being resubmissions), and all stored ones.
         requests={k: totals[k] for k in ("requests", "retries", "rate_limited")},
+        **({"batches": batches} if batch else {}),
         tokens={"prompt": int(pc.sum(ok["prompt_tokens"]).as_py() or 0),
                 "completion": int(pc.sum(ok["completion_tokens"]).as_py() or 0),
                 "this_run": totals["prompt_tokens"] + totals["completion_tokens"], "all_stored": total_tokens},
-        cost={"this_run": round(cost(cfg, totals["prompt_tokens"], totals["completion_tokens"]), 6),
+        cost={"this_run": round(price(cfg, totals["prompt_tokens"], totals["completion_tokens"]), 6),
               "all_stored": round(total_cost, 6),
-              "prices_per_million": [cfg.price_per_million_prompt_tokens, cfg.price_per_million_completion_tokens]},
+              "prices_per_million": [cfg.price_per_million_prompt_tokens, cfg.price_per_million_completion_tokens],
+              **batch_prices},
         budget={"max_cost": cfg.max_cost, "max_total_tokens": cfg.max_total_tokens, "stopped": stopped},
         **artifacts.write_rejected(folder, rejected + rejected_answers),
     )

@@ -36,12 +36,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from proxykd import artifacts
 from proxykd import teacher as online
-from proxykd.config import TeacherConfig, fingerprint
-from proxykd.encode import sample_id
+from proxykd.config import TeacherConfig
 
 log = logging.getLogger("proxykd")
 
@@ -50,14 +48,6 @@ ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 RETRY_STATUS = {408, 409, 429}  # and every 5xx: asked again in a new batch
 CUSTOM_ID = re.compile(rb'"custom_id":\s*"([^"]+)"')  # (found in a line cut short too)
 LIST_PAGES = 20  # of 100 batches, searched for a batch created over a file before a crash
-
-
-def batch_cost(cfg: TeacherConfig, prompt_tokens: float, completion_tokens: float) -> float:
-    """USD at the batch prices (the online ones × batch_discount, where not given)."""
-    pp, cp = cfg.batch_price_per_million_prompt_tokens, cfg.batch_price_per_million_completion_tokens
-    pp = cfg.price_per_million_prompt_tokens * cfg.batch_discount if pp is None else pp
-    cp = cfg.price_per_million_completion_tokens * cfg.batch_discount if cp is None else cp
-    return (prompt_tokens * pp + completion_tokens * cp) / 1e6
 
 
 # ----------------------------------------------------------------------------- the ledger
@@ -77,15 +67,9 @@ class Ledger:
         self.dir = Path(folder) / "batch"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "ledger.jsonl"
-        self.events: list[dict] = []
-        raw = self.path.read_bytes() if self.path.exists() else b""
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            try:
-                self.events.append(json.loads(line))
-            except ValueError:  # the last line, cut by a crash: its object is looked up again
-                log.warning("teacher: %s:%d cannot be read, skipped", self.path, lineno)
+        self.events, cut = _read_ledger(self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        if raw and not raw.endswith(b"\n"):  # (so that the next event is a line of its own)
+        if cut:  # (so that the next event is a line of its own)
             self._file.write("\n")
         artifacts.fsync_dir(self.dir)
         self._tidy()
@@ -114,19 +98,27 @@ class Ledger:
         done = self.by_event("done")
         return [n for n in self.by_event("file") if n not in done]
 
-    def batch_tokens(self) -> tuple[int, int]:
-        """Tokens of every collected batch (billed at the batch price)."""
-        done = self.by_event("done").values()
-        return sum(e.get("prompt_tokens", 0) for e in done), sum(e.get("completion_tokens", 0) for e in done)
+
+def _read_ledger(path: Path, warn: bool = True) -> tuple[list[dict], bool]:
+    """A ledger's events, and whether its last line is cut short (by a crash: that line is skipped,
+    with a warning, and its object is looked up again)."""
+    events, raw = [], path.read_bytes() if path.exists() else b""
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            if warn:
+                log.warning("teacher: %s:%d cannot be read, skipped", path, lineno)
+    return events, bool(raw) and not raw.endswith(b"\n")
 
 
-def spent(cfg: TeacherConfig, stored: pa.Table, ledger: Ledger) -> tuple[float, int]:
-    """What everything stored has cost (USD, tokens): batch-bought tokens at the batch price, the
-    rest (online) at the online price."""
-    pt = int(pc.sum(stored["prompt_tokens"]).as_py() or 0)
-    ct = int(pc.sum(stored["completion_tokens"]).as_py() or 0)
-    bpt, bct = ledger.batch_tokens()
-    return (online.cost(cfg, max(0, pt - bpt), max(0, ct - bct)) + batch_cost(cfg, bpt, bct)), pt + ct
+def collected_tokens(folder: Path) -> tuple[int, int]:
+    """(prompt, completion) tokens of every batch collected into the stage folder `folder`, the
+    ones bought at the batch price; (0, 0) where batch mode never ran. Read-only (online mode asks
+    it too, for the cost of what is stored) and quiet (a line it cannot read is Ledger's to report)."""
+    done = {e["name"]: e for e in _read_ledger(Path(folder) / "batch" / "ledger.jsonl", warn=False)[0]
+            if e.get("event") == "done"}.values()
+    return sum(e.get("prompt_tokens", 0) for e in done), sum(e.get("completion_tokens", 0) for e in done)
 
 
 # --------------------------------------------------------------------------- requests
@@ -154,7 +146,7 @@ def _line(cfg: TeacherConfig, req: dict) -> bytes:
 def _worst(cfg: TeacherConfig, req: dict) -> tuple[int, float]:
     """(tokens, USD) a request may cost at most."""
     out = cfg.max_tokens * len(req["samples"])
-    return req["est"] + out, batch_cost(cfg, req["est"], out)
+    return req["est"] + out, online.batch_cost(cfg, req["est"], out)
 
 
 def _row(req: dict, i: int, **fields) -> dict:
@@ -209,7 +201,7 @@ class BatchRun:
         self.cfg, self.folder, self.client = cfg, folder, client
         self.ledger = Ledger(folder)
         self.stored_keys = set(online._ok(stored)["request_key"].to_pylist()) | online._final(stored).keys()
-        self.spent_cost, self.spent_tokens = spent(cfg, stored, self.ledger)
+        self.spent_cost, self.spent_tokens = online._spent(cfg, stored, folder)
         self.pool: list[dict] = []  # requests to put in the next batch files
         self.attempts: Counter = Counter()  # request_key -> batches it was in, this run
         self.status: dict[str, dict] = {}  # open name -> the provider's last Batch (as a dict)
@@ -398,7 +390,7 @@ class BatchRun:
         self._journal(name, [r for r in rows if r["error"] is not None or r["request_key"] not in self.stored_keys])
         self.ledger.add("done", name, status=batch.status, batch_id=batch.id, prompt_tokens=usage[0],
                         completion_tokens=usage[1])
-        self.spent_cost += batch_cost(self.cfg, *usage)
+        self.spent_cost += online.batch_cost(self.cfg, *usage)
         self.spent_tokens += sum(usage)
         self.totals["prompt_tokens"] += usage[0]
         self.totals["completion_tokens"] += usage[1]
@@ -595,63 +587,11 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     if job.stopped:
         log.warning("teacher: stopped early, %s; %d requests not asked (they are asked on the next run)",
                     job.stopped, len(job.pool))
-    return _manifest(cfg, prompts, prompts_content_hash, h, started, folder, keys, rejected, todo.num_rows, job)
-
-
-def _manifest(cfg: TeacherConfig, prompts: pa.Table, prompts_hash: str, h: str, started: float, folder: Path,
-              keys: list[str], rejected: list[dict], asked: int, job: BatchRun) -> dict:
-    """The online stage's manifest (same rows, same meaning) with the batches added."""
-    stored = online._stored(folder)
-    got = online._answers(cfg, prompts, online._ok(stored), keys)
-    samples: dict[str, int] = Counter(got["id"].to_pylist())
-    errors, final = online._errors(stored), online._final(stored)
-    rejected_ids = {r["id"] for r in rejected}
-    failed, not_asked, rejected_answers = [], [], []
-    cut_off = int(pc.sum(pc.equal(got["finish_reason"], "length")).as_py() or 0)
-    for i, rid in enumerate(prompts["id"].to_pylist()):
-        if rid in rejected_ids or samples.get(rid, 0) == cfg.n:
-            continue
-        row_keys = keys[i * cfg.n:(i + 1) * cfg.n]
-        for k, key in enumerate(row_keys):
-            if key in final:
-                rejected_answers.append({"id": sample_id(rid, k), "error": final[key]["error"][len(online.FINAL):]})
-                cut_off += final[key]["finish_reason"] == "length"
-        if samples.get(rid, 0) + sum(key in final for key in row_keys) == cfg.n:
-            continue  # every sample answered, some unusably: rejected, not asked again
-        error = next((errors[k] for k in row_keys if k in errors and k not in final), None)
-        (failed if error else not_asked).append({"id": rid, "error": error or "not asked: budget reached"})
-    for r in rejected_answers[:20]:
-        log.warning("teacher: %s rejected (a final answer, not asked again): %s", r["id"], r["error"])
-    for r in (failed + not_asked)[:20]:
-        log.warning("teacher: %s has no response (asked again on the next run): %s", r["id"], r["error"])
-    ok = online._ok(stored, sorted(set(got["request_key"].to_pylist())))
-    total_cost, total_tokens = spent(cfg, stored, job.ledger)
-    t = job.totals
-    return artifacts.write_manifest(
-        folder, "teacher", h, started,
-        mode="batch",
-        inputs={"prompts": prompts_hash, "base_url": cfg.base_url or "local-teacher", "model": cfg.model,
-                "endpoint": cfg.endpoint, "n": cfg.n},
-        rows={"prompts": prompts.num_rows, "asked": asked, "ok": sum(1 for v in samples.values() if v == cfg.n),
-              "samples_ok": got.num_rows, "failed": len(failed), "not_asked": len(not_asked),
-              "rejected": len(rejected), "rejected_answers": len(rejected_answers), "cut_off": cut_off},
-        failed_ids=[r["id"] for r in failed + not_asked][:1000],
-        responses_hash=fingerprint(sorted(ok["request_key"].to_pylist())),
-        # requests: lines put in batch files this run (resubmissions included); retries: resubmissions.
-        requests={"requests": t["requests"], "retries": t["retries"], "rate_limited": t["rate_limited"]},
+    return online._finish(
+        cfg, prompts, prompts_content_hash, h, started, folder, keys, rejected, todo.num_rows, job.totals, job.stopped,
         batches={"made": len(job.submitted), "reattached": len(job.reattached),
-                 "ended": {k[len("batches_"):]: v for k, v in t.items() if k.startswith("batches_")},
-                 "ids": job.submitted[-100:]},
-        tokens={"prompt": int(pc.sum(ok["prompt_tokens"]).as_py() or 0),
-                "completion": int(pc.sum(ok["completion_tokens"]).as_py() or 0),
-                "this_run": t["prompt_tokens"] + t["completion_tokens"], "all_stored": total_tokens},
-        cost={"this_run": round(batch_cost(cfg, t["prompt_tokens"], t["completion_tokens"]), 6),
-              "all_stored": round(total_cost, 6),
-              "prices_per_million": [cfg.price_per_million_prompt_tokens, cfg.price_per_million_completion_tokens],
-              "batch_prices_per_million": [round(batch_cost(cfg, 1e6, 0), 6), round(batch_cost(cfg, 0, 1e6), 6)]},
-        budget={"max_cost": cfg.max_cost, "max_total_tokens": cfg.max_total_tokens, "stopped": job.stopped},
-        **artifacts.write_rejected(folder, rejected + rejected_answers),
-    )
+                 "ended": {k[len("batches_"):]: v for k, v in job.totals.items() if k.startswith("batches_")},
+                 "ids": job.submitted[-100:]})
 
 
 @contextmanager

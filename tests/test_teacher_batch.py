@@ -235,10 +235,10 @@ def test_batch_knobs_are_operational_and_batch_prices_default_to_the_discount():
     batch = base.model_copy(update={"mode": "batch", "batch_max_requests": 10, "batch_discount": 0.25,
                                     "batch_poll_s": 1.0})
     assert teacher.config_hash(base, "p") == teacher.config_hash(batch, "p")
-    assert teacher_batch.batch_cost(batch, 1e6, 1e6) == pytest.approx(0.25 * 10.0)
-    assert teacher_batch.batch_cost(base, 1e6, 1e6) == pytest.approx(0.5 * 10.0)
+    assert teacher.batch_cost(batch, 1e6, 1e6) == pytest.approx(0.25 * 10.0)
+    assert teacher.batch_cost(base, 1e6, 1e6) == pytest.approx(0.5 * 10.0)
     explicit = TeacherConfig(mode="batch", batch_price_per_million_completion_tokens=3.0, max_cost=1.0)
-    assert teacher_batch.batch_cost(explicit, 1e6, 1e6) == pytest.approx(3.0)  # (and max_cost is allowed)
+    assert teacher.batch_cost(explicit, 1e6, 1e6) == pytest.approx(3.0)  # (and max_cost is allowed)
     with pytest.raises(ValueError):
         TeacherConfig(mode="online", batch_price_per_million_completion_tokens=3.0, max_cost=1.0)
 

@@ -259,6 +259,38 @@ def test_budget_stops_the_stage_cleanly_and_keeps_what_was_bought(tmp_path, monk
         assert m2["cost"]["all_stored"] > m["cost"]["all_stored"]
 
 
+def test_a_run_mixing_both_modes_counts_each_answer_at_the_price_it_was_bought_at(tmp_path, monkeypatch, local_ray):
+    """Half the prompts bought in batch mode ($0.50 per completion token), the rest online ($1):
+    the online run's budget and its all-stored cost take the batch answers at the batch price."""
+    port = free_port()
+    cfg, prompts, table = _setup(tmp_path, monkeypatch, port)
+    cfg.teacher = cfg.teacher.model_copy(update={
+        "mode": "batch", "batch_poll_s": 0.05, "batch_max_poll_s": 0.2, "max_tokens": 8,
+        "price_per_million_completion_tokens": 1e6, "concurrency": 1, "num_actors": 1})
+    folder = artifacts.stage_dir(cfg.run_dir, "teacher")
+    with LocalTeacher(table, port=port) as server:
+        half = prompts.slice(0, prompts.num_rows // 2)
+        m1 = teacher.run(cfg.teacher, half, "half", cfg.run_dir)
+        bought_in_batch = len(server.billed)
+        assert m1["mode"] == "batch" and m1["rows"]["ok"] == half.num_rows and server.request_count == 0
+        assert set(teacher._stored(folder)["completion_tokens"].to_pylist()) == {4}  # (4 words an answer)
+        assert m1["cost"]["this_run"] == m1["cost"]["all_stored"] == 0.5 * 4 * bought_in_batch
+
+        # Online, the rest: a budget that fits only with the batch answers at their own price (the
+        # last request reserves its worst case, 8 tokens, on top of what is spent).
+        rest = _unique(cfg, prompts) - bought_in_batch
+        assert 0 < rest < _unique(cfg, prompts)
+        budget = m1["cost"]["all_stored"] + 4.0 * rest + 6.0
+        assert budget < 4.0 * (bought_in_batch + rest)  # (the batch answers at the online price: over it)
+        cfg.teacher = cfg.teacher.model_copy(update={"mode": "online", "max_cost": budget})
+        m2 = teacher.run(cfg.teacher, prompts, "p", cfg.run_dir)
+        assert m2["budget"]["stopped"] is None and m2["rows"]["ok"] == prompts.num_rows
+        assert server.request_count == rest and max(server.billed.values()) == 1
+        assert m2["cost"]["this_run"] == 4.0 * rest
+        assert m2["cost"]["all_stored"] == pytest.approx(m1["cost"]["all_stored"] + m2["cost"]["this_run"])
+        assert m2["tokens"]["all_stored"] == m1["tokens"]["all_stored"] + m2["tokens"]["this_run"]
+
+
 def test_timeouts_and_dropped_connections_are_counted_at_their_worst_case(tmp_path, monkeypatch, local_ray):
     """The provider may bill a request whose answer never arrived, so the budget counts it at the
     worst case it reserved for it: with every call lost, $30 buys 3 tries of $8, not endless free ones."""
