@@ -47,61 +47,11 @@ import pyarrow.parquet as pq
 
 from proxykd import artifacts, training
 from proxykd.config import RunConfig, fingerprint
-from proxykd.encode import IDS, encode_split
+from proxykd.encode import encode_split
 from proxykd.models import load_tokenizer, model_max_length
-from proxykd.vllm_actors import Scorer, VLLMEngine, engine_kwargs, map_kwargs, top1_hits
+from proxykd.vllm_actors import RoundSampler, Scorer, engine_kwargs, map_kwargs, top1_hits
 
 log = logging.getLogger("proxykd")
-
-
-class RoundSampler(VLLMEngine):
-    """Sample ŷ for each prompt, then score chosen (teacher) and rejected (ŷ) sequences under the
-    same engine: these are the DPO reference log-probs of this round."""
-
-    def __init__(self, engine: dict, sampling: dict, max_length: int, seed: str, kv_cache_gb: int = 1):
-        super().__init__(engine, kv_cache_gb, sampling)
-        from transformers import AutoTokenizer
-
-        self.eos = AutoTokenizer.from_pretrained(engine["tokenizer"]).eos_token_id
-        self.max_length = max_length
-        self.seed = seed
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """The pairs columns and `error`: a row vLLM refuses gets an error and nulls (`per_row`)."""
-        rows, errors = self.per_row(self._pairs, batch["id"].to_pylist(), batch["input_ids"].to_pylist(),
-                                    batch["response_start"].to_pylist(), what="sampling")
-        start_type = batch.schema.field("response_start").type
-        types = {"id": pa.string(), "rejected": pa.string(), "chosen_input_ids": IDS,
-                 "chosen_response_start": start_type, "rejected_input_ids": IDS,
-                 "rejected_response_start": start_type, "ref_chosen_logp": pa.float64(),
-                 "ref_rejected_logp": pa.float64(), "chosen_ll": pa.float64(), "chosen_top1_hits": pa.int64()}
-        rows = [r or {"id": rid} for r, rid in zip(rows, batch["id"].to_pylist())]
-        columns = {name: pa.array([r.get(name) for r in rows], t) for name, t in types.items()}
-        return pa.table({**columns, "error": pa.array(errors, pa.string())})
-
-    def _pairs(self, ids: list[str], chosen: list[list[int]], starts: list[int]) -> list[dict]:
-        # One seed per row, from the run seed, the round and the id: reproducible (a row retried
-        # alone draws the same sample), and the samples of different prompts are independent (one
-        # shared seed draws the same random numbers for every prompt).
-        params = [self.params.clone() for _ in chosen]
-        for p, rid in zip(params, ids):
-            p.seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{rid}".encode()).digest()[:4], "big") >> 1
-        outs = self.generate([x[:s] for x, s in zip(chosen, starts)], params)
-        # Train on the tokens the proxy produced (re-tokenising the text could differ), with eos
-        # where it stopped by itself, as the teacher's answers have.
-        rejected = []
-        for x, s, o in zip(chosen, starts, outs):
-            sample = list(o.outputs[0].token_ids)
-            if o.outputs[0].finish_reason == "stop" and sample[-1:] != [self.eos]:
-                sample.append(self.eos)
-            rejected.append((x[:s] + sample)[: self.max_length])
-        ref_c = self.score(chosen, starts, 1)
-        ref_r = self.score(rejected, starts, 1)
-        return [{"id": rid, "rejected": o.outputs[0].text, "chosen_input_ids": c, "chosen_response_start": s,
-                 "rejected_input_ids": r, "rejected_response_start": s, "ref_chosen_logp": float(rc[2].sum()),
-                 "ref_rejected_logp": float(rr[2].sum()), "chosen_ll": float(rc[2].mean()),
-                 "chosen_top1_hits": top1_hits(rc[0], c, s)}
-                for rid, o, c, r, s, rc, rr in zip(ids, outs, chosen, rejected, starts, ref_c, ref_r)]
 
 
 def round_ids(ids: list[str], k: int, per_round: int | None, seed: int) -> list[str]:

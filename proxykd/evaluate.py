@@ -9,7 +9,6 @@ and the manifest's `failed_*` names it with the model."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -24,47 +23,9 @@ from proxykd.data import extract_answer
 from proxykd.encode import encode_split
 from proxykd.models import load_tokenizer, model_max_length
 from proxykd.scoring import score_many
-from proxykd.vllm_actors import VLLMEngine, engine_kwargs, engine_shape, map_kwargs, top1_hits
+from proxykd.vllm_actors import Evaluator, engine_kwargs, engine_shape, map_kwargs
 
 log = logging.getLogger("proxykd")
-
-
-class Evaluator(VLLMEngine):
-    """Adds `sample` (the model's answer), `teacher_ll`, `teacher_top1` and `error` to batches with
-    `model` (a key of `models`), `input_ids` (prompt + teacher answer) and `response_start`. The
-    models share this engine: each run of rows of one model swaps its weights in (`load`). A row
-    vLLM refuses gets `error` (and nulls) instead of failing its batch."""
-
-    def __init__(self, engine: dict, models: dict[str, str], kv_cache_gb: int = 1, sampling: dict | None = None):
-        super().__init__(engine, kv_cache_gb, sampling)
-        self.models = models
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        keys = batch["model"].to_pylist()
-        ids, starts = batch["input_ids"].to_pylist(), batch["response_start"].to_pylist()
-        results, errors = [], []
-        for key, rows in itertools.groupby(range(len(keys)), key=keys.__getitem__):
-            rows = list(rows)
-            self.load(self.models[key])
-            r, e = self.per_row(self._answer, [ids[i] for i in rows], [starts[i] for i in rows], what="eval")
-            results += [x or (None, None, None) for x in r]
-            errors += e
-        return pa.table({
-            "model": batch["model"],
-            "id": batch["id"],
-            "sample": pa.array([r[0] for r in results], pa.string()),
-            "teacher_ll": pa.array([r[1] for r in results], pa.float64()),
-            "teacher_top1": pa.array([r[2] for r in results], pa.float64()),
-            "error": pa.array(errors, pa.string()),
-        })
-
-    def _answer(self, ids: list[list[int]], starts: list[int]) -> list[tuple[str, float, float]]:
-        """(answer, teacher ll per token, teacher top-1 agreement) per row."""
-        outs = self.generate([x[:s] for x, s in zip(ids, starts)], self.params)
-        scored = self.score(ids, starts, 1)
-        return [(o.outputs[0].text, float(r[2].mean()),
-                 top1_hits(r[0], x, s) / (len(x) - s) if len(x) > s else math.nan)
-                for o, r, x, s in zip(outs, scored, ids, starts)]
 
 
 def config_hash(cfg: RunConfig, distill_hash: str) -> str:

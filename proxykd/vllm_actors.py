@@ -5,13 +5,19 @@
   `per_row`: a row vLLM refuses gets an error of its own, and the other rows their results.
 - `Scorer` runs a teacher-forced pass over (prompt + response) with `prompt_logprobs` and returns
   the top-k token ids/log-probs at every response position, plus the sum and mean log-likelihood of
-  the response (the logits stage).
+  the response (the logits stage, and align's held-out measure).
+- `Evaluator` answers each prompt and scores the teacher's answer teacher-forced, for several
+  checkpoints of one shape in turn (the eval stage, the report).
+- `RoundSampler` samples the proxy's own answer ŷ and scores chosen and rejected under the same
+  engine: one alignment round's DPO pairs with their reference log-probs.
 
 Batches are pyarrow tables.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import os
 
@@ -19,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from proxykd.config import ResourcesConfig
+from proxykd.encode import IDS
 
 
 def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: ResourcesConfig, dtype: str = "auto",
@@ -246,3 +253,91 @@ class Scorer(VLLMEngine):
         for name, col in columns.items():
             batch = batch.append_column(name, col)
         return batch
+
+
+class Evaluator(VLLMEngine):
+    """Adds `sample` (the model's answer), `teacher_ll`, `teacher_top1` and `error` to batches with
+    `model` (a key of `models`), `input_ids` (prompt + teacher answer) and `response_start`. The
+    models share this engine: each run of rows of one model swaps its weights in (`load`). A row
+    vLLM refuses gets `error` (and nulls) instead of failing its batch."""
+
+    def __init__(self, engine: dict, models: dict[str, str], kv_cache_gb: int = 1, sampling: dict | None = None):
+        super().__init__(engine, kv_cache_gb, sampling)
+        self.models = models
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = batch["model"].to_pylist()
+        ids, starts = batch["input_ids"].to_pylist(), batch["response_start"].to_pylist()
+        results, errors = [], []
+        for key, rows in itertools.groupby(range(len(keys)), key=keys.__getitem__):
+            rows = list(rows)
+            self.load(self.models[key])
+            r, e = self.per_row(self._answer, [ids[i] for i in rows], [starts[i] for i in rows], what="eval")
+            results += [x or (None, None, None) for x in r]
+            errors += e
+        return pa.table({
+            "model": batch["model"],
+            "id": batch["id"],
+            "sample": pa.array([r[0] for r in results], pa.string()),
+            "teacher_ll": pa.array([r[1] for r in results], pa.float64()),
+            "teacher_top1": pa.array([r[2] for r in results], pa.float64()),
+            "error": pa.array(errors, pa.string()),
+        })
+
+    def _answer(self, ids: list[list[int]], starts: list[int]) -> list[tuple[str, float, float]]:
+        """(answer, teacher ll per token, teacher top-1 agreement) per row."""
+        outs = self.generate([x[:s] for x, s in zip(ids, starts)], self.params)
+        scored = self.score(ids, starts, 1)
+        return [(o.outputs[0].text, float(r[2].mean()),
+                 top1_hits(r[0], x, s) / (len(x) - s) if len(x) > s else math.nan)
+                for o, r, x, s in zip(outs, scored, ids, starts)]
+
+
+class RoundSampler(VLLMEngine):
+    """Sample ŷ for each prompt, then score chosen (teacher) and rejected (ŷ) sequences under the
+    same engine: these are the DPO reference log-probs of this round."""
+
+    def __init__(self, engine: dict, sampling: dict, max_length: int, seed: str, kv_cache_gb: int = 1):
+        super().__init__(engine, kv_cache_gb, sampling)
+        from transformers import AutoTokenizer
+
+        self.eos = AutoTokenizer.from_pretrained(engine["tokenizer"]).eos_token_id
+        self.max_length = max_length
+        self.seed = seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """The pairs columns and `error`: a row vLLM refuses gets an error and nulls (`per_row`)."""
+        rows, errors = self.per_row(self._pairs, batch["id"].to_pylist(), batch["input_ids"].to_pylist(),
+                                    batch["response_start"].to_pylist(), what="sampling")
+        start_type = batch.schema.field("response_start").type
+        types = {"id": pa.string(), "rejected": pa.string(), "chosen_input_ids": IDS,
+                 "chosen_response_start": start_type, "rejected_input_ids": IDS,
+                 "rejected_response_start": start_type, "ref_chosen_logp": pa.float64(),
+                 "ref_rejected_logp": pa.float64(), "chosen_ll": pa.float64(), "chosen_top1_hits": pa.int64()}
+        rows = [r or {"id": rid} for r, rid in zip(rows, batch["id"].to_pylist())]
+        columns = {name: pa.array([r.get(name) for r in rows], t) for name, t in types.items()}
+        return pa.table({**columns, "error": pa.array(errors, pa.string())})
+
+    def _pairs(self, ids: list[str], chosen: list[list[int]], starts: list[int]) -> list[dict]:
+        # One seed per row, from the run seed, the round and the id: reproducible (a row retried
+        # alone draws the same sample), and the samples of different prompts are independent (one
+        # shared seed draws the same random numbers for every prompt).
+        params = [self.params.clone() for _ in chosen]
+        for p, rid in zip(params, ids):
+            p.seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{rid}".encode()).digest()[:4], "big") >> 1
+        outs = self.generate([x[:s] for x, s in zip(chosen, starts)], params)
+        # Train on the tokens the proxy produced (re-tokenising the text could differ), with eos
+        # where it stopped by itself, as the teacher's answers have.
+        rejected = []
+        for x, s, o in zip(chosen, starts, outs):
+            sample = list(o.outputs[0].token_ids)
+            if o.outputs[0].finish_reason == "stop" and sample[-1:] != [self.eos]:
+                sample.append(self.eos)
+            rejected.append((x[:s] + sample)[: self.max_length])
+        ref_c = self.score(chosen, starts, 1)
+        ref_r = self.score(rejected, starts, 1)
+        return [{"id": rid, "rejected": o.outputs[0].text, "chosen_input_ids": c, "chosen_response_start": s,
+                 "rejected_input_ids": r, "rejected_response_start": s, "ref_chosen_logp": float(rc[2].sum()),
+                 "ref_rejected_logp": float(rr[2].sum()), "chosen_ll": float(rc[2].mean()),
+                 "chosen_top1_hits": top1_hits(rc[0], c, s)}
+                for rid, o, c, r, s, rc, rr in zip(ids, outs, chosen, rejected, starts, ref_c, ref_r)]

@@ -173,7 +173,7 @@ def evaluator(scorer):
     """An Evaluator on the scorer's engine: one engine per module keeps this file fast."""
     from vllm import SamplingParams
 
-    from proxykd.evaluate import Evaluator
+    from proxykd.vllm_actors import Evaluator
 
     evaluator = Evaluator.__new__(Evaluator)
     evaluator.llm, evaluator.model, evaluator.models = scorer.llm, scorer.model, {"m": scorer.model}
@@ -223,7 +223,8 @@ def test_evaluator_reports_rows_vllm_refuses_and_answers_the_rest(evaluator, ref
 def test_round_sampler_reports_rows_vllm_refuses_and_pairs_the_rest(model, scorer, reference):
     from vllm import SamplingParams
 
-    from proxykd.align import RoundSampler, split_refused
+    from proxykd.align import split_refused
+    from proxykd.vllm_actors import RoundSampler
 
     sampler = RoundSampler.__new__(RoundSampler)  # on the scorer's engine, as the evaluator
     sampler.llm = scorer.llm
