@@ -4,6 +4,9 @@ the proxy's top-k support (Ray Train, the shared loop in `training.py`; `distill
 the same student is also trained with α = 0 (black-box KD: plain SFT on the teacher's text), the
 comparison every report shows.
 
+The students train on the logits shards read in place (`training.ParquetRows`): a table larger than
+memory or Ray's object store trains in bounded memory, in the same order as from memory.
+
 Layout: `distill/model` (Proxy-KD student), `distill/baseline/model`, each with metrics.jsonl and
 loss.png beside it.
 """
@@ -12,9 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from proxykd import artifacts, training
 from proxykd.config import RunConfig, fingerprint
@@ -35,9 +35,9 @@ def run(cfg: RunConfig, proxy_path: str, student: str, logits_hash: str) -> dict
     started = time.time()
     check_same_vocab(proxy_path, student)  # the aligned proxy's tokenizer, as saved by align
 
-    shards = artifacts.shard_files(artifacts.stage_dir(cfg.run_dir, "logits"))
-    columns = ["id", "input_ids", "response_start", "topk_ids", "topk_logprobs", "weight"]
-    rows = pa.concat_tables([pq.read_table(f, columns=columns) for f in shards])
+    # Read in place: the index (ids, lengths, places) is built once for both students, and each
+    # training worker reads only its own micro-batches' rows from the shards.
+    rows = training.ParquetRows.from_folder(artifacts.stage_dir(cfg.run_dir, "logits"))
     d = cfg.distill
     runs = {"proxykd": (folder, "kd" if d.alpha > 0 else "sft")}
     if d.baseline and d.alpha > 0:  # with alpha = 0 the student *is* the baseline

@@ -144,15 +144,15 @@ class Report:
         self.hash = fingerprint(self.manifests["logits"]["config_hash"], self.unaligned_manifest["config_hash"],
                                 cfg.student, cfg.distill, cfg.eval, cfg.report, cfg.seed)
 
-    def training_rows(self) -> dict[str, pa.Table]:
-        """Both logits tables, cut to the ids both hold, so every arm trains on the same rows."""
-        columns = ["id", "input_ids", "response_start", "topk_ids", "topk_logprobs", "weight"]
-        tables = {k: artifacts.read_shards(d, columns) for k, d in self.logits_dirs.items()}
-        common = set(tables["aligned"]["id"].to_pylist()) & set(tables["unaligned"]["id"].to_pylist())
-        keep = pa.array(sorted(common), pa.string())
-        return {k: t.filter(pc.is_in(t["id"], keep)).sort_by("id") for k, t in tables.items()}
+    def training_rows(self) -> dict[str, training.ParquetRows]:
+        """Both logits tables, cut to the ids both hold, so every arm trains on the same rows. The
+        rows stay in their shards (training reads them in place); each table's index is built once
+        and serves every arm that trains on it."""
+        ids = {k: artifacts.read_shards(d, ["id"])["id"] for k, d in self.logits_dirs.items()}
+        common = pc.filter(ids["aligned"], pc.is_in(ids["aligned"], value_set=ids["unaligned"].combine_chunks()))
+        return {k: training.ParquetRows.from_folder(d, ids=common) for k, d in self.logits_dirs.items()}
 
-    def train(self, arm: str, alpha: float, lr: float, seed: int, rows: dict[str, pa.Table]) -> str:
+    def train(self, arm: str, alpha: float, lr: float, seed: int, rows: dict[str, training.ParquetRows]) -> str:
         _, objective, source, weighting = ARMS[arm]
         out_dir = self.folder / "arms" / arm / setting_name(arm, alpha, lr, seed)
         if not (out_dir / training.MODEL_DIR).exists():
@@ -187,7 +187,7 @@ class Report:
         path.parent.mkdir(parents=True, exist_ok=True)
         artifacts.write_table_atomic(pa.Table.from_pylist(results), path)
 
-    def choose(self, arm: str, candidates: list[tuple[float, float]], rows: dict[str, pa.Table],
+    def choose(self, arm: str, candidates: list[tuple[float, float]], rows: dict[str, training.ParquetRows],
                dev: pa.Table) -> tuple[tuple[float, float], list[dict]]:
         """(α, lr) for `arm` at the first seed: the only candidate, or the best on the dev split."""
         seed = self.cfg.report.seeds[0]
