@@ -19,6 +19,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def operational(default: Any = ..., **kwargs) -> Any:
+    """A key that changes how a stage runs (parallelism, limits, retries, prices, checkpoints), never
+    what it writes: left out of every stage's fingerprint (`artifact_view`), so changing it never
+    redoes finished work. The one rule for every stage; the schema says which keys are which."""
+    return Field(default, json_schema_extra={"operational": True}, **kwargs)
+
+
+def is_operational(field) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("operational"))
+
+
 class TinyModelSpec(_Strict):
     """A small Llama built offline from scratch (for laptops, tests and the embedded default)."""
 
@@ -143,7 +155,7 @@ class TeacherConfig(_Strict):
 
     base_url: Optional[str] = None
     model: str = "local-teacher"
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = operational("OPENAI_API_KEY")
     endpoint: Literal["chat", "completions"] = Field(
         "chat", description="chat: /chat/completions with the messages; completions: /completions "
         "with the message contents joined by blank lines")
@@ -151,41 +163,41 @@ class TeacherConfig(_Strict):
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, gt=0)
-    concurrency: int = Field(8, gt=0, description="in-flight requests per actor")
-    num_actors: int = Field(1, gt=0)
-    requests_per_minute: Optional[float] = Field(None, gt=0, description="run-wide, all actors together")
-    tokens_per_minute: Optional[float] = Field(
+    concurrency: int = operational(8, gt=0, description="in-flight requests per actor")
+    num_actors: int = operational(1, gt=0)
+    requests_per_minute: Optional[float] = operational(None, gt=0, description="run-wide, all actors together")
+    tokens_per_minute: Optional[float] = operational(
         None, gt=0, description="run-wide; a request counts its estimated prompt tokens + max_tokens·n "
         "until its real usage is known")
-    max_retries: int = Field(5, ge=0)
-    backoff_s: float = Field(0.5, gt=0, description="first retry waits about this long, doubling")
-    max_backoff_s: float = Field(30.0, gt=0)
-    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = operational(5, ge=0)
+    backoff_s: float = operational(0.5, gt=0, description="first retry waits about this long, doubling")
+    max_backoff_s: float = operational(30.0, gt=0)
+    timeout_s: float = operational(60.0, gt=0)
     max_prompt_tokens: int = Field(
         16000, gt=0, description="prompts estimated longer (UTF-8 bytes / 4) are rejected before any call")
-    price_per_million_prompt_tokens: float = Field(0.0, ge=0, description="USD, for the cost estimate")
-    price_per_million_completion_tokens: float = Field(0.0, ge=0)
-    max_cost: Optional[float] = Field(
+    price_per_million_prompt_tokens: float = operational(0.0, ge=0, description="USD, for the cost estimate")
+    price_per_million_completion_tokens: float = operational(0.0, ge=0)
+    max_cost: Optional[float] = operational(
         None, gt=0, description="USD over everything this stage folder bought; the stage stops cleanly "
         "when the next request could exceed it")
-    max_total_tokens: Optional[int] = Field(None, gt=0, description="the same budget in tokens")
-    progress_every_s: float = Field(10.0, gt=0)
+    max_total_tokens: Optional[int] = operational(None, gt=0, description="the same budget in tokens")
+    progress_every_s: float = operational(10.0, gt=0)
     # Batch mode (proxykd/teacher_batch.py). Operational: the answers are the same requests, keyed alike.
-    mode: Literal["online", "batch"] = Field(
+    mode: Literal["online", "batch"] = operational(
         "online", description="online: requests sent as they go (Ray Data actors); batch: the provider's Batch "
         "API (JSONL files uploaded, answered within 24 h, at the batch price)")
-    batch_max_requests: int = Field(50000, gt=0, description="requests per batch input file (OpenAI: 50,000)")
-    batch_max_bytes: int = Field(200_000_000, gt=0, description="bytes per batch input file (OpenAI: 200 MB)")
-    batch_max_in_flight: Optional[int] = Field(
+    batch_max_requests: int = operational(50000, gt=0, description="requests per batch input file (OpenAI: 50,000)")
+    batch_max_bytes: int = operational(200_000_000, gt=0, description="bytes per batch input file (OpenAI: 200 MB)")
+    batch_max_in_flight: Optional[int] = operational(
         None, gt=0, description="batches submitted and not yet finished at once (null: no limit); a provider's "
         "enqueued-token limit fails batches beyond it")
-    batch_poll_s: float = Field(30.0, gt=0, description="first wait between polls of the running batches; "
+    batch_poll_s: float = operational(30.0, gt=0, description="first wait between polls of the running batches; "
                                 "it grows 1.5× per unchanged poll up to batch_max_poll_s")
-    batch_max_poll_s: float = Field(600.0, gt=0)
-    batch_discount: float = Field(
+    batch_max_poll_s: float = operational(600.0, gt=0)
+    batch_discount: float = operational(
         0.5, gt=0, le=1, description="batch price = online price × this, for prices not given below")
-    batch_price_per_million_prompt_tokens: Optional[float] = Field(None, ge=0, description="USD; null: discounted")
-    batch_price_per_million_completion_tokens: Optional[float] = Field(None, ge=0, description="USD; null: discounted")
+    batch_price_per_million_prompt_tokens: Optional[float] = operational(None, ge=0, description="USD; null: discounted")
+    batch_price_per_million_completion_tokens: Optional[float] = operational(None, ge=0, description="USD; null: discounted")
 
     @model_validator(mode="after")
     def _budget_needs_prices(self):
@@ -225,9 +237,9 @@ class TrainConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     bf16: Optional[bool] = Field(None, description="bf16 autocast; null: on GPU only")
     lora: Optional[LoraConfig] = None
-    checkpoint_every_steps: int = Field(100, gt=0, description="and one at the end; the data position is "
+    checkpoint_every_steps: int = operational(100, gt=0, description="and one at the end; the data position is "
                                         "exact at any step, so epoch ends need no checkpoint of their own")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    max_failures: int = operational(2, ge=0, description="worker-group restarts from the last checkpoint")
 
     @model_validator(mode="after")
     def _lora_not_fsdp(self):
@@ -277,7 +289,7 @@ class LogitsConfig(_Strict):
     logprob_dtype: Literal["float16", "float32"] = Field(
         "float16", description="stored top-k log-probs: float16 (2 bytes, relative rounding <= 2^-11) or float32 (as vLLM returns them)"
     )
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = operational(16, gt=0, description="rows per engine call (every row is scored alone)")
 
 
 class DistillConfig(_Strict):
@@ -428,6 +440,30 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
 
 
 def fingerprint(*parts: Any) -> str:
-    """Stable short hash of JSON-able parts (pydantic models are dumped first)."""
-    norm = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    """Stable short hash of JSON-able parts; pydantic models count by their `artifact_view`."""
+    norm = [artifact_view(p) if isinstance(p, BaseModel) else p for p in parts]
     return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def artifact_view(model: BaseModel) -> dict:
+    """The model's JSON dump without its `operational` keys (at every depth): what decides a stage's
+    artifacts, and so what its fingerprint reads."""
+    dump = model.model_dump(mode="json")
+    _drop_operational(model, dump)
+    return dump
+
+
+def _drop_operational(model: BaseModel, dump: dict) -> None:
+    for name, field in type(model).model_fields.items():
+        if name not in dump:
+            continue
+        if is_operational(field):
+            del dump[name]
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            _drop_operational(value, dump[name])
+        elif isinstance(value, list):
+            for v, d in zip(value, dump[name]):
+                if isinstance(v, BaseModel):
+                    _drop_operational(v, d)

@@ -677,9 +677,9 @@ def _prompts_done(totals: dict) -> int:
 
 
 def config_hash(cfg: TeacherConfig, prompts_content_hash: str) -> str:
-    # Operational knobs (concurrency, actors, limits, retries, prices, budget) do not change what
-    # is bought.
-    return fingerprint(prompts_content_hash, cfg.base_url, cfg.model, sampling_params(cfg), cfg.n)
+    # (operational keys, marked in the schema: concurrency, actors, limits, retries, prices,
+    # budget, mode, do not change what is bought, and stay out of the fingerprint)
+    return fingerprint(prompts_content_hash, cfg)
 
 
 def _local_teacher(prompts: pa.Table):

@@ -1,11 +1,13 @@
 """Tests for proxykd.config: loading, strict validation with dotted keys, overrides, fingerprints."""
 
+import copy
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from proxykd.config import ConfigError, RunConfig, fingerprint, load_config
+from proxykd.config import ConfigError, RunConfig, apply_overrides, fingerprint, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {"proxy": {"tiny": {}}, "student": {"tiny": {}}}
@@ -316,3 +318,79 @@ def test_every_shipped_config_loads():
         cfg = load_config(path)
         _walk_keys(yaml.safe_load(path.read_text()), RunConfig)
         assert cfg.run_dir
+
+
+def _leaf_keys(model_cls, prefix=""):
+    """(dotted key, field) of every scalar key under a pydantic model class, nested models opened."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    for name, field in model_cls.model_fields.items():
+        sub = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if sub and field.default is not None:
+            yield from _leaf_keys(sub[0], f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def _changed(field, value):
+    """Another valid value for a scalar key (None when there is no obvious one)."""
+    from typing import Literal, get_args, get_origin
+
+    choices = [a for a in (field.annotation, *get_args(field.annotation)) if get_origin(a) is Literal]
+    if choices:
+        return next((c for c in get_args(choices[0]) if c != value), None)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1 if not isinstance(value, float) or value < 0.5 else value / 2
+    if value is None:
+        types = get_args(field.annotation)
+        return 3 if int in types else 0.25 if float in types else None
+    if isinstance(value, str):
+        return value + "-x"
+    return None
+
+
+def test_operational_keys_never_change_a_stage_fingerprint_and_the_others_do(tmp_path):
+    """One rule for every stage (config.operational): each key marked operational in the schema,
+    changed, leaves every stage's fingerprint as it was; each other key of a stage's own slice
+    changes that stage's fingerprint."""
+    from pydantic import ValidationError
+
+    from proxykd import align, distill, evaluate, logits, teacher
+    from proxykd.config import is_operational
+
+    def hashes(cfg):
+        t = teacher.config_hash(cfg.teacher, "prompts")
+        a = align.config_hash(cfg, "answers")
+        lg = logits.config_hash(cfg, a)
+        d = distill.config_hash(cfg, lg)
+        return {"teacher": t, "align": a, "logits": lg, "distill": d, "eval": evaluate.config_hash(cfg, d)}
+
+    slices = {"teacher": "teacher.", "align": "align.", "logits": "logits.", "distill": "distill.", "eval": "eval."}
+    base_tree = {**MINIMAL, "teacher": {"base_url": "http://127.0.0.1:1/v1", "price_per_million_prompt_tokens": 1.0}}
+    base = RunConfig.model_validate(base_tree)
+    h0 = hashes(base)
+    seen_operational = 0
+    for key, field in _leaf_keys(RunConfig):
+        stage = next((s for s, p in slices.items() if key.startswith(p)), None)
+        if stage is None:
+            continue
+        parent = base
+        for part in key.split(".")[:-1]:
+            parent = getattr(parent, part)
+        new = _changed(field, getattr(parent, key.split(".")[-1]))
+        if new is None:
+            continue
+        try:
+            cfg = RunConfig.model_validate(apply_overrides(copy.deepcopy(base_tree), [f"{key}={json.dumps(new)}"]))
+        except ValidationError:  # a value the key's own validation refuses: not a change to test
+            continue
+        if is_operational(field):
+            seen_operational += 1
+            assert hashes(cfg) == h0, f"{key} is operational but changed a fingerprint"
+        else:
+            assert hashes(cfg)[stage] != h0[stage], f"{key} is not operational but left the {stage} fingerprint as it was"
+    assert seen_operational >= 20  # the teacher's limits, retries, prices, batch knobs; checkpoints; batch sizes
