@@ -771,6 +771,7 @@ def train_loop(config: dict) -> None:
         now = time.time()
         row = {"step": step, "epoch": epoch, "batch": batch_fingerprint(index.ids.take(pa.array(rows)).to_pylist()),
                **parts, "grad_norm": float(grad_norm), "lr": lr,
+               "tokens": int(seq_lengths[rows].sum()),
                "tokens_per_s": float(seq_lengths[rows].sum()) / max(now - t0, 1e-9), "attempt": attempt,
                # input: this worker's read + collate time in the step (in the prefetch thread) and
                # the time the step waited for it; padding over the global batch's micro-batches
