@@ -86,6 +86,15 @@ def _run_stages(args, cfg) -> int:
     from proxykd import pipeline
 
     pipeline.setup_logging()
+    try:
+        return _stages(args, cfg, pipeline)
+    finally:
+        # Nothing of a local Ray outlives the command: its workers (and their vLLM engines) are
+        # waited for and stopped here; after a kill -9 the watchdog does it (proxykd/reaper.py).
+        pipeline.shutdown_ray()
+
+
+def _stages(args, cfg, pipeline) -> int:
     if args.command == "report":
         from proxykd import report
 

@@ -4,6 +4,7 @@ key reruns exactly the stages downstream of it."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from proxykd import align, artifacts, distill, evaluate, logits, teacher
+from proxykd import align, artifacts, distill, evaluate, logits, reaper, teacher
 from proxykd.config import RunConfig, fingerprint
 from proxykd.data import build_prompts
 from proxykd.models import check_same_vocab, materialize_model
@@ -22,6 +23,7 @@ from proxykd.models import check_same_vocab, materialize_model
 log = logging.getLogger("proxykd")
 
 STAGES = ("prompts", "teacher", "align", "logits", "distill", "eval")
+_watchdog: reaper.Watchdog | None = None  # of the local Ray this process started
 
 
 def setup_logging() -> None:
@@ -30,9 +32,12 @@ def setup_logging() -> None:
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Local Ray by default; `ray.address` (or RAY_ADDRESS, set by `ray job submit`) joins a cluster."""
+    """Local Ray by default; `ray.address` (or RAY_ADDRESS, set by `ray job submit`) joins a cluster.
+    A local Ray is stopped with the driver however it ends: `shutdown_ray` after a normal run (also
+    run at exit), the watchdog of proxykd/reaper.py after a `kill -9`."""
     import ray
 
+    global _watchdog
     if ray.is_initialized():
         return
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
@@ -40,8 +45,57 @@ def init_ray(cfg: RunConfig) -> None:
         return
     # A local cluster: keep vLLM and Ray on loopback.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    # address="local": never join a `ray start` cluster that happens to run on this machine.
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    if _watchdog is not None:  # an earlier local Ray of this process, shut down without shutdown_ray
+        shutdown_ray()
+    # Mark every process of this Ray (see proxykd/reaper.py): the daemons take the mark from this
+    # environment, the workers and whatever they spawn from the raylet's. Only while Ray starts:
+    # what this process starts later is not part of the run.
+    token = reaper.new_token() if os.path.isdir("/proc") else None
+    if token:
+        _watchdog = reaper.Watchdog(token)  # first: a kill during ray.init leaves nothing behind either
+        atexit.unregister(shutdown_ray)
+        atexit.register(shutdown_ray)  # drivers that do not call it (Ray's own atexit shutdown runs first)
+    previous = os.environ.pop(reaper.ENV, None)
+    if token:
+        os.environ[reaper.ENV] = token
+    try:
+        # address="local": never join a `ray start` cluster that happens to run on this machine.
+        # kill_child_processes_on_worker_exit off: by default a Ray worker SIGKILLs its children
+        # as it exits and only then runs Python's teardown. For a vLLM actor that kills the engine
+        # before vLLM can stop it (its shared memory stays in /dev/shm) and kills multiprocessing's
+        # resource tracker, which the teardown then restarts; the new tracker is told to forget
+        # segments it never saw and prints `KeyError: '/psm_...'` tracebacks (forwarded to this
+        # console by log_to_driver). With it off vLLM's own shutdown stops the engine; whatever
+        # still runs when the run ends is stopped by shutdown_ray.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _system_config={"kill_child_processes_on_worker_exit": False})
+    finally:
+        if previous is None:
+            os.environ.pop(reaper.ENV, None)
+        else:
+            os.environ[reaper.ENV] = previous
+    session = ray._private.worker._global_node.get_session_dir_path()
+    if _watchdog is not None:
+        _watchdog.tell(f"session {session}")
+    log.info("ray session: %s (%s=%s)", session, reaper.ENV, token)
+
+
+def shutdown_ray() -> None:
+    """Shut a local Ray down and wait until none of its processes is left: a worker may still be
+    stopping its vLLM engine after the raylet is gone (a few seconds); what is still there after
+    that is stopped. Then the watchdog is told the run ended cleanly."""
+    global _watchdog
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if _watchdog is None:
+        return
+    watchdog, _watchdog = _watchdog, None
+    stopped = reaper.stop(watchdog.token, wait_s=20)
+    if stopped:
+        log.warning("stopped %d process(es) of the local Ray still running 20 s after shutdown", stopped)
+    watchdog.done()
 
 
 def _file_digest(path: str) -> str:

@@ -12,16 +12,73 @@ for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy
     os.environ.pop(var, None)
 
 
-def kill_ray_session(session_dir: str) -> None:
-    """SIGKILL the daemons of one Ray session. A driver killed with SIGKILL leaves them running
-    (they live in sessions of their own, and their workers exit when they go); other Ray clusters
-    on this machine are left alone."""
-    import signal
-    import subprocess
+def session_processes(session_dir: str | None, token: str | None = None) -> list[int]:
+    """Live processes (not zombies) of one Ray session: those with the session's name in their
+    command line (its daemons) and, given the mark proxykd's init_ray puts on a run
+    (PROXYKD_RAY_RUN=token in the environment, see proxykd/reaper.py), those carrying it: agents,
+    workers, vLLM engines, which carry no session dir and are re-parented to init once the raylet
+    is gone. Read from /proc here, independently of proxykd.reaper."""
+    name = os.path.basename(session_dir.rstrip("/")).encode() if session_dir else None
+    mark = f"PROXYKD_RAY_RUN={token}".encode() if token else None
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                ours = name is not None and name in f.read()
+            if not ours and mark:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    ours = mark in f.read().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if ours:
+            pids.append(int(entry))
+    return pids
 
-    name = os.path.basename(session_dir.rstrip("/"))
-    out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True)
-    for pid in map(int, out.stdout.split()):
+
+def ray_session_of(output: str) -> tuple[str, str]:
+    """(session dir, run mark) from the `ray session: DIR (PROXYKD_RAY_RUN=TOKEN)` line init_ray logs."""
+    import re
+
+    found = re.search(r"ray session: (\S+) \(PROXYKD_RAY_RUN=(\w+)\)", output)
+    assert found, "the driver logged no ray session line"
+    return found.group(1), found.group(2)
+
+
+# Tracebacks Ray Train prints for reasons outside proxykd, seen on a 2-core machine shared with other
+# Ray clusters: (1) its autoscaling request misses a 5 s timeout when the CPU is overloaded (the
+# message says so itself); (2) its PlacementGroupCleaner asks the state API without an address,
+# which resolves to the newest Ray on the machine or /tmp/ray/ray_current_cluster (another run's,
+# or one long gone): its monitor thread dies when that does not answer, and stopping it times out.
+TOLERATED_TRACEBACKS = ("Failed to send resource request for train-", "in thread PlacementGroupCleanerMonitor",
+                        "Failed to stop PlacementGroupCleaner gracefully")
+
+
+def unexpected_tracebacks(output: str) -> list[str]:
+    """The lines around each traceback in `output`, except those Ray logs after a message in
+    TOLERATED_TRACEBACKS."""
+    lines = output.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if "Traceback (most recent call last)" in line:
+            if i and any(t in lines[i - 1] for t in TOLERATED_TRACEBACKS):
+                continue
+            found.append("\n".join(lines[max(0, i - 2):i + 12]))
+    return found
+
+
+def kill_ray_session(session_dir: str, token: str | None = None) -> None:
+    """SIGKILL the processes of one Ray session (`session_processes`); other Ray clusters on this
+    machine are left alone. Without the run's mark only its daemons are found: a driver killed
+    with SIGKILL also leaves agents and workers, which exit on their own (the agents after about
+    60 s)."""
+    import signal
+
+    for pid in session_processes(session_dir, token):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

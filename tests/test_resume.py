@@ -7,36 +7,61 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import student_split, tiny_config
+from conftest import (kill_ray_session, ray_session_of, session_processes, student_split, tiny_config,
+                      unexpected_tracebacks)
 
 from proxykd import artifacts
 from proxykd.config import ModelConfig, TinyModelSpec
 from proxykd.models import materialize_model
 
 
-def _proxykd(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "proxykd.cli", *args], stdout=subprocess.PIPE,
+def _proxykd(*args, log=None, **kw):
+    """The CLI in a session of its own; its output to `log` (a file: nothing blocks on a full pipe
+    while the test waits) or to a pipe."""
+    out = open(log, "w") if log else subprocess.PIPE
+    proc = subprocess.Popen([sys.executable, "-m", "proxykd.cli", *args], stdout=out,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    if log:
+        out.close()
+    return proc
 
 
-def _ray_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server|ray/dashboard"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+def _session(log) -> tuple[str, str]:
+    """(session dir, mark) of the run writing `log`, once init_ray has logged them."""
+    deadline = time.time() + 120
+    while "ray session:" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    return ray_session_of(log.read_text())
 
 
-def _kill_run(proc, ray_before: set[int]) -> None:
+def _kill_driver(proc, log) -> None:
+    """SIGKILL the driver's process group, then check (killing nothing more) that no process of its
+    Ray session is left a few seconds later: proxykd's watchdog stops them (proxykd/reaper.py)."""
+    session, mark = _session(log)
+    alive = session_processes(session, mark)
+    assert len(alive) >= 5, alive  # gcs, raylet, agents, workers...: the check below can see them
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    # Ray's own daemons run in sessions of their own: stop what the killed run left behind.
-    for pid in _ray_pids() - ray_before:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    killed = time.time()
+    try:
+        while (left := session_processes(session, mark)) and time.time() < killed + 10:
+            time.sleep(0.2)
+        assert not left, f"processes of the killed run's Ray session still running 10 s later: {left}"
+    finally:
+        kill_ray_session(session, mark)  # only if the check failed: this run's processes, no others
+
+
+def _assert_clean_end(out: str) -> None:
+    """A normal run ends with no process of its Ray session left and no traceback on its console."""
+    session, mark = ray_session_of(out)
+    assert not session_processes(session, mark), "processes of the finished run's Ray session still running"
+    tracebacks = unexpected_tracebacks(out)
+    assert not tracebacks, "\n\n".join(tracebacks)
 
 
 def test_align_killed_mid_warmup_resumes_from_checkpoint(tmp_path):
@@ -47,10 +72,12 @@ def test_align_killed_mid_warmup_resumes_from_checkpoint(tmp_path):
                                                                         "checkpoint_every_steps": 2}})
     config.write_text(yaml.safe_dump(tree))
     first = _proxykd("teacher", str(config))
-    assert first.wait(timeout=300) == 0, first.stdout.read()
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    _assert_clean_end(out)
 
-    ray_before = _ray_pids()
-    proc = _proxykd("align", str(config))
+    killed_log = tmp_path / "align-killed.log"
+    proc = _proxykd("align", str(config), log=killed_log)
     ckpts = tmp_path / "run" / "align" / "warmup" / "_ray" / "align-warmup"
     deadline = time.time() + 300
     snapshot = ckpts / "checkpoint_manager_snapshot.json"
@@ -64,13 +91,14 @@ def test_align_killed_mid_warmup_resumes_from_checkpoint(tmp_path):
     while not registered() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert registered(), "no checkpoint appeared"
-    _kill_run(proc, ray_before)
+    _kill_driver(proc, killed_log)
     assert not (tmp_path / "run" / "align" / "manifest.json").exists()
     assert not (tmp_path / "run" / "align" / "warmup" / "model").exists()
 
     again = _proxykd("align", str(config))
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-5000:]
+    _assert_clean_end(out)
     assert "[align-warmup] resumed from step" in out
     manifest = json.loads((tmp_path / "run" / "align" / "manifest.json").read_text())
     assert manifest["model"].endswith("warmup/model")
@@ -112,7 +140,11 @@ def test_logits_killed_mid_stage_scores_only_the_missing_rows(tmp_path):
     pq.write_table(teacher, tmp_path / "teacher.parquet")
     proxy = materialize_model(ModelConfig(tiny=TinyModelSpec()), tmp_path / "proxy", seed=1)
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", logits={"top_k": 5, "batch_size": 2})))
+    # vLLM's engine core in a process of its own (as on GPU; CPU runs it in the actor by default):
+    # a kill -9 of the stage once left EngineCore processes running, and a normal end printed the
+    # KeyError tracebacks of the actor's multiprocessing resource tracker.
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", logits={"top_k": 5, "batch_size": 2},
+                                                 resources={"vllm_in_process": False})))
     job = tmp_path / "logits_job.py"
     job.write_text(LOGITS_JOB)
     args = [sys.executable, str(job), str(config), str(tmp_path / "prompts.parquet"),
@@ -122,18 +154,25 @@ def test_logits_killed_mid_stage_scores_only_the_missing_rows(tmp_path):
     def shards() -> int:
         return len([p for p in folder.glob("*.parquet") if p.name != artifacts.REJECTED_FILE])
 
-    ray_before = _ray_pids()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed_log = tmp_path / "logits-killed.log"
+    with open(killed_log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while shards() < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    _kill_run(proc, ray_before)
+    _kill_driver(proc, killed_log)
     assert not (folder / "manifest.json").exists(), "the stage finished before it could be killed"
     stored = artifacts.done_ids(folder)  # what a rerun sees (a shard cut short is removed)
     assert 0 < len(stored) < n, len(stored)
 
-    again = subprocess.run(args, check=False, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
+    again = subprocess.run(args, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-5000:]
+    _assert_clean_end(again.stdout)
+    session, _ = ray_session_of(again.stdout)
+    # nor in the workers' logs (vLLM's resource tracker wrote its KeyError tracebacks there)
+    for err in (Path(session) / "logs").glob("worker-*.err"):
+        assert not unexpected_tracebacks(err.read_text()), (err, unexpected_tracebacks(err.read_text()))
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["rows"] == {"scored": n, "new": n - len(stored)}  # only the missing rows were scored
     ids = artifacts.read_shards(folder, ["id"])["id"].to_pylist()
