@@ -5,6 +5,7 @@ key reruns exactly the stages downstream of it."""
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import logging
 import os
@@ -141,62 +142,81 @@ def initial_models(cfg: RunConfig) -> tuple[str, str]:
     return proxy, student
 
 
+class Upstream:
+    """What the stages hand on, filled in as the loop goes: the prompts and their fingerprints,
+    each stage's fingerprint and manifest, and what they stand for (the teacher's answers, the
+    initial and the aligned models)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.prompts, self.prompts_hash, self.content_hash = run_prompts(cfg)
+        self.hashes: dict[str, str] = {}
+        self.manifests: dict[str, dict] = {}
+
+    @functools.cached_property
+    def responses(self) -> pa.Table:
+        return teacher.answers(self.cfg.teacher, self.prompts, artifacts.stage_dir(self.cfg.run_dir, "teacher"))
+
+    @property
+    def answers_hash(self) -> str:
+        # Downstream fingerprints follow the answers actually bought (a retry that adds some reruns
+        # them) and the splits (which live in the prompts' fingerprint).
+        return fingerprint(self.prompts_hash, self.manifests["teacher"]["responses_hash"])
+
+    @functools.cached_property
+    def initial_models(self) -> tuple[str, str]:
+        return initial_models(self.cfg)
+
+    @property
+    def proxy(self) -> str:
+        return self.manifests["align"]["model"]
+
+
+# Each stage after prompts: (its fingerprint: its config slice and its inputs' fingerprints; its run).
+STAGE_STEPS = {
+    "teacher": (lambda u: teacher.config_hash(u.cfg.teacher, u.content_hash),
+                lambda u: teacher.run(u.cfg.teacher, u.prompts, u.content_hash, u.cfg.run_dir)),
+    "align": (lambda u: align.config_hash(u.cfg, u.answers_hash),
+              lambda u: align.run(u.cfg, u.prompts, u.responses, u.answers_hash, u.initial_models[0])),
+    "logits": (lambda u: logits.config_hash(u.cfg, u.hashes["align"]),
+               lambda u: logits.run(u.cfg, u.prompts, u.responses, u.proxy, u.hashes["align"])),
+    "distill": (lambda u: distill.config_hash(u.cfg, u.hashes["logits"]),
+                lambda u: distill.run(u.cfg, u.proxy, u.initial_models[1], u.hashes["logits"])),
+    "eval": (lambda u: evaluate.config_hash(u.cfg, u.hashes["distill"]),
+             lambda u: evaluate.run(u.cfg, u.prompts, u.responses, u.manifests["distill"]["models"], u.hashes["distill"])),
+}
+
+
 def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
     """Run `stages` in pipeline order. A stage that is not selected must already be done for this
     config (its manifest is read); otherwise the message says which command to run first."""
+    return run_upstream(cfg, stages).manifests
+
+
+def run_upstream(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> Upstream:
+    """`run`, returning what the stages handed on (for `proxykd report`, which goes on from there)."""
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
     last = max(STAGES.index(s) for s in stages)
-    manifests: dict[str, dict] = {}
-
-    def stage(name: str, h: str, work):
-        folder = artifacts.stage_dir(cfg.run_dir, name)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    up = Upstream(cfg)
+    if last == 0:
+        return up
+    init_ray(cfg)
+    if last >= STAGES.index("align"):
+        up.initial_models  # noqa: B018 - built, fetched and vocabulary-checked before any answer is bought
+    for name in STAGES[1:last + 1]:
+        fingerprint_of, work = STAGE_STEPS[name]
+        up.hashes[name] = fingerprint_of(up)
         if name in stages:
-            manifests[name] = work()
-        elif artifacts.is_done(folder, h):
-            manifests[name] = artifacts.read_manifest(folder)
+            up.manifests[name] = work(up)
+        elif artifacts.is_done(artifacts.stage_dir(cfg.run_dir, name), up.hashes[name]):
+            up.manifests[name] = artifacts.read_manifest(artifacts.stage_dir(cfg.run_dir, name))
         else:
             raise StageNotRun(f"stage '{name}' has not run for this config: run `proxykd {name} CONFIG` "
                               "or `proxykd run CONFIG` first")
-        return manifests[name]
-
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    prompts, prompts_hash, content_hash = run_prompts(cfg)
-    if last == 0:
-        return manifests
-    init_ray(cfg)
-
-    teacher_hash = teacher.config_hash(cfg.teacher, content_hash)
-    stage("teacher", teacher_hash, lambda: teacher.run(cfg.teacher, prompts, content_hash, cfg.run_dir))
-    if last == 1:
-        return manifests
-    teacher_folder = artifacts.stage_dir(cfg.run_dir, "teacher")
-    responses = teacher.answers(cfg.teacher, prompts, teacher_folder)
-    # Downstream hashes follow the responses actually bought (a retry that adds some reruns them)
-    # and the splits (which live in the prompts hash).
-    answers_hash = fingerprint(prompts_hash, manifests["teacher"]["responses_hash"])
-    proxy_init, student_init = initial_models(cfg)
-
-    align_hash = align.config_hash(cfg, answers_hash)
-    stage("align", align_hash, lambda: align.run(cfg, prompts, responses, answers_hash, proxy_init))
-    proxy_path = manifests["align"]["model"]
-    if last == 2:
-        return manifests
-
-    logits_hash = logits.config_hash(cfg, align_hash)
-    stage("logits", logits_hash, lambda: logits.run(cfg, prompts, responses, proxy_path, align_hash))
-    if last == 3:
-        return manifests
-
-    distill_hash = distill.config_hash(cfg, logits_hash)
-    stage("distill", distill_hash, lambda: distill.run(cfg, proxy_path, student_init, logits_hash))
-    if last == 4:
-        return manifests
-
-    stage("eval", evaluate.config_hash(cfg, distill_hash),
-          lambda: evaluate.run(cfg, prompts, responses, manifests["distill"]["models"], distill_hash))
-    return manifests
+    return up
 
 
 def summary(cfg: RunConfig, manifests: dict) -> str:

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from proxykd import artifacts, evaluate, logits, pipeline, teacher, training
+from proxykd import artifacts, evaluate, logits, pipeline, training
 from proxykd.config import RunConfig, fingerprint
 
 log = logging.getLogger("proxykd")
@@ -131,11 +131,11 @@ class Report:
     def upstream(self) -> None:
         """prompts → teacher → align → logits as `proxykd run` does, and the unaligned proxy's logits."""
         cfg = self.cfg
-        self.manifests = pipeline.run(cfg, ("prompts", "teacher", "align", "logits"))
-        self.prompts, prompts_hash, content_hash = pipeline.run_prompts(cfg)
-        self.responses = teacher.answers(cfg.teacher, self.prompts, artifacts.stage_dir(cfg.run_dir, "teacher"))
-        self.proxy_init, self.student_init = pipeline.initial_models(cfg)
-        self.proxy_aligned = self.manifests["align"]["model"]
+        up = pipeline.run_upstream(cfg, ("prompts", "teacher", "align", "logits"))
+        self.manifests, self.prompts, self.responses = up.manifests, up.prompts, up.responses
+        prompts_hash = up.prompts_hash
+        self.proxy_init, self.student_init = up.initial_models
+        self.proxy_aligned = up.proxy
         sub = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir) / "unaligned")})
         unaligned_hash = fingerprint("unaligned", self.proxy_init, prompts_hash, self.manifests["teacher"]["responses_hash"])
         self.unaligned_manifest = logits.run(sub, self.prompts, self.responses, self.proxy_init, unaligned_hash)
