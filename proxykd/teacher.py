@@ -730,6 +730,28 @@ def _progress(cfg: TeacherConfig, totals: dict, done: int, total: int, started: 
             f"{totals['completion_tokens']:,} out | est. ${cost(cfg, totals['prompt_tokens'], totals['completion_tokens']):.4f}")
 
 
+def begin(cfg: TeacherConfig, prompts_content_hash: str, run_dir: str) -> tuple[Path, str, Optional[str], Optional[dict]]:
+    """The start both modes share: (folder, fingerprint, API key, and the manifest when the stage
+    is done with nothing failed or unasked, else None). A stage to run is begun, and what a killed
+    run bought (its journals) folded in."""
+    folder = artifacts.stage_dir(run_dir, "teacher")
+    h = config_hash(cfg, prompts_content_hash)
+    if artifacts.is_done(folder, h):
+        manifest = artifacts.read_manifest(folder)
+        if not manifest["rows"]["failed"] and not manifest["rows"].get("not_asked"):
+            log.info("teacher: done already (%s), skipped", folder)
+            return folder, h, None, manifest
+        log.info("teacher: asking again the %d failed and %d unasked prompts of the last run",
+                 manifest["rows"]["failed"], manifest["rows"].get("not_asked", 0))
+    api_key = os.environ.get(cfg.api_key_env)
+    if cfg.base_url is not None and not api_key:
+        raise MissingAPIKey(f"teacher.base_url is {cfg.base_url} but the environment variable "
+                            f"{cfg.api_key_env} (teacher.api_key_env) is not set")
+    artifacts.begin_stage(folder, h, keep_stale=True)
+    compact_journals(folder)
+    return folder, h, api_key, None
+
+
 def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_dir: str) -> dict:
     if cfg.mode == "batch":  # the provider's Batch API: a loop on the driver, no Ray
         from proxykd import teacher_batch
@@ -737,22 +759,10 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         return teacher_batch.run(cfg, prompts, prompts_content_hash, run_dir)
     import ray
 
-    folder = artifacts.stage_dir(run_dir, "teacher")
-    h = config_hash(cfg, prompts_content_hash)
-    if artifacts.is_done(folder, h):
-        manifest = artifacts.read_manifest(folder)
-        if not manifest["rows"]["failed"] and not manifest["rows"].get("not_asked"):
-            log.info("teacher: done already (%s), skipped", folder)
-            return manifest
-        log.info("teacher: asking again the %d failed and %d unasked prompts of the last run",
-                 manifest["rows"]["failed"], manifest["rows"].get("not_asked", 0))
-    api_key = os.environ.get(cfg.api_key_env)
-    if cfg.base_url is not None and not api_key:
-        raise MissingAPIKey(f"teacher.base_url is {cfg.base_url} but the environment variable "
-                            f"{cfg.api_key_env} (teacher.api_key_env) is not set")
     started = time.time()
-    artifacts.begin_stage(folder, h, keep_stale=True)
-    compact_journals(folder)  # what a killed run bought
+    folder, h, api_key, done = begin(cfg, prompts_content_hash, run_dir)
+    if done:
+        return done
 
     stored = _stored(folder)
     # (final answers, unusable as they are, count as answered: asking again would buy them again)

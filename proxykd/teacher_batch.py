@@ -544,22 +544,10 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
     """The teacher stage in batch mode; the same folder, rows, manifest and skip rules as online."""
     import openai
 
-    folder = artifacts.stage_dir(run_dir, "teacher")
-    h = online.config_hash(cfg, prompts_content_hash)
-    if artifacts.is_done(folder, h):
-        manifest = artifacts.read_manifest(folder)
-        if not manifest["rows"]["failed"] and not manifest["rows"].get("not_asked"):
-            log.info("teacher: done already (%s), skipped", folder)
-            return manifest
-        log.info("teacher: asking again the %d failed and %d unasked prompts of the last run",
-                 manifest["rows"]["failed"], manifest["rows"].get("not_asked", 0))
-    api_key = os.environ.get(cfg.api_key_env)
-    if cfg.base_url is not None and not api_key:
-        raise online.MissingAPIKey(f"teacher.base_url is {cfg.base_url} but the environment variable "
-                                   f"{cfg.api_key_env} (teacher.api_key_env) is not set")
     started = time.time()
-    artifacts.begin_stage(folder, h, keep_stale=True)
-    online.compact_journals(folder)  # what a killed run collected
+    folder, h, api_key, done = online.begin(cfg, prompts_content_hash, run_dir)
+    if done:
+        return done
 
     keys = online.request_keys(cfg, prompts)  # n per prompt, prompt by prompt
     server = online._local_teacher(prompts) if cfg.base_url is None else nullcontext()
