@@ -5,6 +5,10 @@ time ≤ 1.15 and at most 10 % more peak memory, at k = 10 and k = 20.
     python benchmarks/distill_step.py                 # CPU: a 20.6M-parameter Llama, vocab 32k
     python benchmarks/distill_step.py --hidden 2048 --layers 16 --batch 8 --seq 1024   # e.g. on a GPU
 
+This times the step alone, on a batch collated before the clock starts; `benchmarks/train_input.py`
+times the stage's whole loop, input included (read from Parquet, collate, prefetch), against a plain
+loop over pre-built tensors, and gives the end-to-end KD/SFT ratio.
+
 Time: the two steps interleaved in one process, --rounds rounds of --iters steps each; the
 fastest round of each counts (as timeit does): on a shared machine other jobs only ever add time,
 so the minimum is the figure least disturbed by them. Peak memory:
