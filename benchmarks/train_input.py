@@ -23,11 +23,12 @@ can draw), and the padding of the epoch's micro-batches with and without the len
 each global batch.
 
 Measured 2026-12-02 on the 2-core AMD EPYC development machine (no GPU), defaults with --steps 16
---rounds 3, under a load average of 4-5.7 from a test suite beside it: KD stage 599 tok/s against
-621 for the plain loop (0.964), SFT 599 against 624 (0.960); input 0.6 % (KD) and 0.3 % (SFT) of the
-step, the step waiting 0.0 %; KD/SFT end to end 0.999 (plain 1.004); padding 0.162 with the length
-sort, 0.257 without; one KD micro-batch read in 2.7 ms and collated in 0.36 ms (per-row lists: 1.49
-ms); the input alone 217,000 tokens/s (KD) and 571,000 (SFT) on one thread, 113,000 (KD) at
+--rounds 3, otherwise quiet (load average 0.1 -> 1.1): KD stage 625 tok/s against 651 for the plain
+loop (0.959), SFT 638 against 610 (1.046); input 0.7 % (KD) and 0.3 % (SFT) of the step, the step
+waiting 0.0 %; KD/SFT end to end 1.021 (plain 0.936; rounds scatter by +-5 %); padding 0.162 with the
+length sort, 0.257 without; one KD micro-batch read in 3.1 ms and collated in 0.20 ms (per-row
+lists: 1.14 ms); the input alone 169,000 tokens/s (KD) and 473,000 (SFT) on one thread. Under a load
+average of 4-5.7: stage/plain 0.964 (KD), 0.960 (SFT), KD/SFT 0.999; 113,000 KD input tokens/s at
 256-1,024-token rows (--input-only --seq 1024 --batch 8 --steps 64).
 """
 
