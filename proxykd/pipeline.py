@@ -209,10 +209,11 @@ def run_upstream(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> Upstream:
     for name in STAGES[1:last + 1]:
         fingerprint_of, work = STAGE_STEPS[name]
         up.hashes[name] = fingerprint_of(up)
+        folder = artifacts.stage_dir(cfg.run_dir, name)
         if name in stages:
             up.manifests[name] = work(up)
-        elif artifacts.is_done(artifacts.stage_dir(cfg.run_dir, name), up.hashes[name]):
-            up.manifests[name] = artifacts.read_manifest(artifacts.stage_dir(cfg.run_dir, name))
+        elif artifacts.is_done(folder, up.hashes[name]):
+            up.manifests[name] = artifacts.read_manifest(folder)
         else:
             raise StageNotRun(f"stage '{name}' has not run for this config: run `proxykd {name} CONFIG` "
                               "or `proxykd run CONFIG` first")

@@ -133,11 +133,10 @@ class Report:
         cfg = self.cfg
         up = pipeline.run_upstream(cfg, ("prompts", "teacher", "align", "logits"))
         self.manifests, self.prompts, self.responses = up.manifests, up.prompts, up.responses
-        prompts_hash = up.prompts_hash
         self.proxy_init, self.student_init = up.initial_models
         self.proxy_aligned = up.proxy
         sub = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir) / "unaligned")})
-        unaligned_hash = fingerprint("unaligned", self.proxy_init, prompts_hash, self.manifests["teacher"]["responses_hash"])
+        unaligned_hash = fingerprint("unaligned", self.proxy_init, up.prompts_hash, self.manifests["teacher"]["responses_hash"])
         self.unaligned_manifest = logits.run(sub, self.prompts, self.responses, self.proxy_init, unaligned_hash)
         self.logits_dirs = {"aligned": artifacts.stage_dir(cfg.run_dir, "logits"),
                             "unaligned": artifacts.stage_dir(sub.run_dir, "logits")}

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -62,10 +64,6 @@ def engine_shape(model_path: str) -> str:
     """Models with the same shape can share one engine (`VLLMEngine.load`): the same config.json
     and tokenizer files, but for what names the folder or how it was loaded (a trained copy of a
     model re-saves them with such keys). A hub id or a folder without a config is a shape of its own."""
-    import hashlib
-    import json
-    from pathlib import Path
-
     folder = Path(model_path)
     if not (folder / "config.json").is_file():
         return model_path
