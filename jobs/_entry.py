@@ -13,6 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(command: str) -> int:
     from proxykd.cli import main as cli
+    from proxykd.jobs import load_secrets_file
+
+    # The teacher key from the head's secrets file (VM clusters; on Kubernetes the head pod's
+    # environment has it from a Secret): this driver runs on the head, its workers never see it.
+    if loaded := load_secrets_file():
+        print(f"proxykd: loaded {', '.join(loaded)} from the head's secrets file", file=sys.stderr, flush=True)
 
     args = sys.argv[1:]
     if args[:1] == ["--config"]:

@@ -393,12 +393,42 @@ def format_run_status(status: dict) -> str:
 
 # ----------------------------------------------------------------------------- job entrypoint
 
+SECRETS_FILE_ENV = "PROXYKD_SECRETS_FILE"
+DEFAULT_SECRETS_FILE = "~/.proxykd/secrets.env"
+
+
+def load_secrets_file(path: Optional[str] = None) -> list[str]:
+    """On a VM cluster the teacher key lives in a file on the head node only (`ray rsync-up`, which
+    copies to the head alone; never `file_mounts`, which reach every node): `NAME=value` lines
+    (`#` comments, an `export ` prefix and quotes allowed). The job's driver, which Ray runs on the
+    head, loads it into its own environment; no other Ray process sees it. Variables already set
+    win. Returns the names loaded (never the values); no file, nothing loaded."""
+    file = Path(os.path.expanduser(path or os.environ.get(SECRETS_FILE_ENV) or DEFAULT_SECRETS_FILE))
+    if not file.is_file():
+        return []
+    if file.stat().st_mode & 0o077:
+        print(f"proxykd: warning: {file} is readable by other users (chmod 600 it)", file=sys.stderr)
+    loaded = []
+    for line in file.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, value = line.removeprefix("export ").split("=", 1)
+        name, value = name.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and name not in os.environ:
+            os.environ[name] = value
+            loaded.append(name)
+    return loaded
+
+
 
 def entry(argv: list[str]) -> int:
     """`python -m proxykd.jobs COMMAND CONFIG [--set k=v ...]` on the cluster (what `submit` sends).
     CONFIG is a path in the working dir or `env:NAME`, a config submitted from outside it whose
-    text is in that environment variable. Runs through `proxykd.cli.main`, so the job takes the
-    run folder's lock like any run."""
+    text is in that environment variable. The head's secrets file (`load_secrets_file`) is read
+    first. Runs through `proxykd.cli.main`, so the job takes the run folder's lock like any run."""
     import tempfile
 
     from proxykd.cli import main as cli
@@ -407,6 +437,8 @@ def entry(argv: list[str]) -> int:
         print("usage: python -m proxykd.jobs COMMAND CONFIG [--set k=v ...]", file=sys.stderr)
         return 2
     command, config, rest = argv[0], argv[1], argv[2:]
+    if loaded := load_secrets_file():
+        print(f"proxykd: loaded {', '.join(loaded)} from the head's secrets file", file=sys.stderr, flush=True)
     if not config.startswith("env:"):
         return cli([command, config, *rest])
     text = os.environ.get(config[4:])

@@ -273,3 +273,31 @@ def test_a_failing_job_and_follow_and_stop(cluster, client_env, tmp_path, capsys
     assert cli(["stop", sleeper, "--address", cluster]) == 0
     assert f"job {sleeper}: STOPPED" in capsys.readouterr().out
     assert time.time() - started < 30
+
+
+def test_the_driver_loads_the_heads_secrets_file_into_its_own_environment(tmp_path, monkeypatch, capsys):
+    """VM clusters: the key is in a file on the head only; the job entrypoint loads it (names
+    reported, never values), variables already set win, a file others can read is warned about."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("PROXYKD_TEST_OTHER", raising=False)
+    monkeypatch.setenv("PROXYKD_TEST_SET", "kept")
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text(f"# the teacher\nexport OPENAI_API_KEY='{SECRET}'\nPROXYKD_TEST_OTHER = \"b c\"\n"
+                       "PROXYKD_TEST_SET=replaced\nnot a line\n")
+    secrets.chmod(0o600)
+    monkeypatch.setenv(jobs.SECRETS_FILE_ENV, str(secrets))
+    assert jobs.load_secrets_file() == ["OPENAI_API_KEY", "PROXYKD_TEST_OTHER"]
+    assert os.environ["OPENAI_API_KEY"] == SECRET and os.environ["PROXYKD_TEST_OTHER"] == "b c"
+    assert os.environ["PROXYKD_TEST_SET"] == "kept"
+    assert capsys.readouterr().err == ""
+    secrets.chmod(0o644)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert jobs.load_secrets_file() == ["OPENAI_API_KEY"]
+    assert "readable by other users" in capsys.readouterr().err
+    assert jobs.load_secrets_file(str(tmp_path / "none.env")) == []
+    # the entrypoint loads it before the command runs, and says which names (not the values)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    cfg = _config(tmp_path)
+    assert jobs.entry(["check", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "loaded OPENAI_API_KEY" in err and SECRET not in err
