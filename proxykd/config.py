@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 
 class _Strict(BaseModel):
@@ -198,6 +199,9 @@ class TeacherConfig(_Strict):
         0.5, gt=0, le=1, description="batch price = online price × this, for prices not given below")
     batch_price_per_million_prompt_tokens: Optional[float] = operational(None, ge=0, description="USD; null: discounted")
     batch_price_per_million_completion_tokens: Optional[float] = operational(None, ge=0, description="USD; null: discounted")
+    # The teacher actors' Ray request, `resources.teacher` (RunConfig hands it over: the stage gets this
+    # section alone). Private: neither dumped nor fingerprinted.
+    _ray_resources: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _budget_needs_prices(self):
@@ -330,22 +334,80 @@ class ReportConfig(_Strict):
         return v
 
 
+class StageResources(_Strict):
+    """What each actor or training worker of one stage asks Ray for: the demand a cluster's
+    autoscaler sees (CPU node types for the teacher's HTTP calls, GPU types for vLLM and training).
+    A null key takes the flat `resources` block's value, or the stage's default."""
+
+    num_cpus: Optional[float] = operational(None, ge=0, description="CPUs per actor / worker")
+    num_gpus: Optional[float] = operational(None, ge=0, description="GPUs per actor / worker (vLLM: >= 2 runs one "
+                                            "tensor-parallel engine over them)")
+    memory_gb: Optional[float] = operational(
+        None, gt=0, description="Ray's `memory` resource per actor / worker, GiB: a node is picked that has it "
+        "free (scheduling, not a limit)")
+    accelerator_type: Optional[str] = operational(
+        None, min_length=1, description="only nodes that advertise `accelerator_type:<this>` (e.g. L40S, A100, H100; "
+        "every GPU type of cluster/*.yaml advertises its own)")
+
+    def ray_args(self, cpus: float, gpus: float = 0) -> dict:
+        """Ray Data `map_batches` / `ray.remote` keywords of one actor: this block's values, `cpus`
+        and `gpus` where it has none; `memory` in bytes; `accelerator_type` only when set."""
+        args = {"num_cpus": cpus if self.num_cpus is None else self.num_cpus,
+                "num_gpus": gpus if self.num_gpus is None else self.num_gpus}
+        if self.memory_gb is not None:
+            args["memory"] = int(self.memory_gb * 2**30)
+        if self.accelerator_type is not None:
+            args["accelerator_type"] = self.accelerator_type
+        return args
+
+
+def _stage_resources(what: str):
+    return Field(default_factory=StageResources, json_schema_extra={"operational": True},
+                 description=f"{what}; null keys take the flat keys above")
+
+
 class ResourcesConfig(_Strict):
-    train_workers: int = Field(1, gt=0)
-    use_gpu: bool = False
-    vllm_actors: int = Field(1, gt=0)
-    vllm_gpus_per_actor: float = Field(0, ge=0)
-    vllm_cpus_per_actor: float = Field(1, ge=0)
-    vllm_kv_cache_gb: int = Field(1, gt=0, description="CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE)")
-    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    vllm_enforce_eager: Optional[bool] = Field(
+    """How the stages run on Ray; nothing here changes an artifact, so every key is operational.
+    The flat keys serve every stage; `teacher`, `vllm` and `train` set one stage's request."""
+
+    train_workers: int = operational(1, gt=0)
+    use_gpu: bool = operational(False)
+    vllm_actors: int = operational(1, gt=0)
+    vllm_gpus_per_actor: float = operational(0, ge=0)
+    vllm_cpus_per_actor: float = operational(1, ge=0)
+    vllm_kv_cache_gb: int = operational(1, gt=0, description="CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_gpu_memory_utilization: float = operational(0.85, gt=0, le=1)
+    vllm_enforce_eager: Optional[bool] = operational(
         None, description="vLLM without graph capture/compilation: null = on CPU only, where the compile "
         "warm-up costs each engine start about 20 s and buys little")
-    vllm_in_process: Optional[bool] = Field(
+    vllm_in_process: Optional[bool] = operational(
         None, description="run vLLM's engine core and its one worker inside the actor's process (no engine-core "
         "and worker processes): null = on CPU only, where those two processes, each importing vLLM and torch, "
         "cost every engine start 15 s or more; on GPU the engine-core process overlaps scheduling with the "
         "model. Ignored with tensor parallelism (vllm_gpus_per_actor >= 2)")
+    teacher: StageResources = _stage_resources("each teacher actor (async HTTP calls; default 0.5 CPU)")
+    vllm: StageResources = _stage_resources("each vLLM actor: align's sampler, the logits scorer, eval "
+                                            "(defaults vllm_cpus_per_actor, vllm_gpus_per_actor)")
+    train: StageResources = _stage_resources("each Ray Train worker of align and distill (defaults 1 CPU, and "
+                                             "1 GPU with use_gpu)")
+
+    @property
+    def vllm_gpus(self) -> float:
+        """GPUs per vLLM actor: `vllm.num_gpus`, else `vllm_gpus_per_actor`."""
+        return self.vllm_gpus_per_actor if self.vllm.num_gpus is None else self.vllm.num_gpus
+
+    @property
+    def vllm_cpus(self) -> float:
+        return self.vllm_cpus_per_actor if self.vllm.num_cpus is None else self.vllm.num_cpus
+
+    @property
+    def train_gpus(self) -> float:
+        """GPUs per training worker: `train.num_gpus`, else 1 with `use_gpu`, else 0."""
+        return (1.0 if self.use_gpu else 0.0) if self.train.num_gpus is None else self.train.num_gpus
+
+    @property
+    def train_cpus(self) -> float:
+        return 1.0 if self.train.num_cpus is None else self.train.num_cpus
 
 
 class RayConfig(_Strict):
@@ -440,6 +502,11 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
 
 
 def fingerprint(*parts: Any) -> str:
+    @model_validator(mode="after")
+    def _teacher_resources(self):
+        self.teacher._ray_resources = self.resources.teacher
+        return self
+
     """Stable short hash of JSON-able parts; pydantic models count by their `artifact_view`."""
     norm = [artifact_view(p) if isinstance(p, BaseModel) else p for p in parts]
     return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -695,6 +695,14 @@ def _local_teacher(prompts: pa.Table):
     return LocalTeacher(table)
 
 
+def actor_ray_args(cfg: TeacherConfig) -> dict:
+    """What each teacher actor asks Ray for: `resources.teacher` (handed over with the config),
+    0.5 CPU and no GPU where it sets none. On a cluster this is the demand for CPU nodes."""
+    from proxykd.config import StageResources
+
+    return (cfg._ray_resources or StageResources()).ray_args(cpus=0.5)
+
+
 class MissingAPIKey(RuntimeError):
     pass
 
@@ -797,7 +805,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
                     batch_format="pyarrow",
                     batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                    num_cpus=0.5,
+                    **actor_ray_args(cfg),
                 )
                 last_log = time.time()
                 for batch in summaries.iter_batches(batch_size=None, batch_format="pyarrow"):

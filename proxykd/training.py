@@ -852,9 +852,7 @@ def fit(
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=resources.train_workers, use_gpu=resources.use_gpu, resources_per_worker={"CPU": 1}
-        ),
+        scaling_config=ScalingConfig(**scaling_kwargs(resources)),
         run_config=RunConfig(
             name=name,
             storage_path=str((out_dir / "_ray").resolve()),
@@ -871,6 +869,22 @@ def fit(
     os.replace(tmp / MODEL_DIR, final)
     shutil.rmtree(tmp)
     return final
+
+
+def scaling_kwargs(resources: ResourcesConfig) -> dict:
+    """Ray Train's ScalingConfig keywords: `train_workers` workers, each asking for
+    `resources.train` (CPUs, GPUs, memory, accelerator type; 1 CPU, and 1 GPU with `use_gpu`, where
+    it sets none): the demand an autoscaler turns into GPU nodes."""
+    gpus = resources.train_gpus
+    per_worker = {"CPU": resources.train_cpus}
+    if gpus > 0:
+        per_worker["GPU"] = gpus
+    if resources.train.memory_gb is not None:
+        per_worker["memory"] = int(resources.train.memory_gb * 2**30)
+    kwargs = {"num_workers": resources.train_workers, "use_gpu": gpus > 0, "resources_per_worker": per_worker}
+    if resources.train.accelerator_type is not None:
+        kwargs["accelerator_type"] = resources.train.accelerator_type
+    return kwargs
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

