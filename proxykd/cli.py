@@ -109,12 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--dir", default="models", help="models folder (default: models)")
     models.add_argument("--student-layers", type=int, default=10,
                         help="decoder layers of the student, spread evenly over the proxy's 30 (default: 10)")
-    serve = sub.add_parser("serve", help="serve a student over an OpenAI-compatible HTTP API (Ray Serve)")
-    serve.add_argument("model", help="Hugging Face folder of the student, e.g. RUN_DIR/distill/model")
-    serve.add_argument("--name", default="proxykd-student", help="model name clients ask for")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--gpu", action="store_true", help="put the engine on a GPU")
+    serve = sub.add_parser("serve", help="serve a run's student (and baseline / proxy for A/B) over an "
+                           "OpenAI-compatible HTTP API (Ray Serve LLM + vLLM), with the run config's `serve` section")
+    serve.add_argument("target", metavar="CONFIG_OR_RUN_DIR",
+                       help="a run config (its run_dir and `serve` section), a run folder, or a Hugging Face "
+                       "model folder (e.g. RUN_DIR/distill/model)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set serve.max_tokens=256 (only serve.* without a config)")
+    serve.add_argument("--name", default=None, help="model name clients send for the student (serve.model_name)")
+    serve.add_argument("--host", default=None, help="serve.host (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="serve.port (default 8000)")
+    serve.add_argument("--api-key-env", default=None, metavar="NAME",
+                       help="environment variable holding the accepted API keys (serve.api_key_env)")
+    serve.add_argument("--gpu", action="store_true", help="put the engines on GPUs")
     return parser
 
 
@@ -133,9 +140,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{role:8s} {path}  ({info['parameters'] / 1e6:.1f}M parameters, layers {info['layers']})")
         return 0
     if args.command == "serve":
-        from proxykd.serving import serve_student
+        from proxykd import pipeline, serving
 
-        serve_student(args.model, args.name, host=args.host, port=args.port, use_gpu=args.gpu)
+        pipeline.setup_logging()
+        try:
+            target = serving.resolve_target(args.target, args.overrides, model_name=args.name, host=args.host,
+                                            port=args.port, api_key_env=args.api_key_env)
+            target.use_gpu = target.use_gpu or args.gpu
+            serving.serve_target(target)  # until Ctrl-C or SIGTERM; stops everything it started
+        except (ConfigError, serving.ServeError, RuntimeError) as e:
+            print(f"proxykd: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         cfg = load_config(args.config, args.overrides)

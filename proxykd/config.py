@@ -415,10 +415,68 @@ class RayConfig(_Strict):
     num_cpus: Optional[int] = Field(4, description="logical CPUs for a local Ray (may exceed physical)")
 
 
+class ServeAutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of each served model's replicas (one vLLM engine each), by the requests
+    in flight per replica."""
+
+    min_replicas: int = operational(1, ge=0, description="replicas kept when idle (0: scale to zero; the "
+                                    "first request then waits for an engine to start)")
+    max_replicas: int = operational(2, ge=1, description="replicas at most")
+    target_ongoing_requests: float = operational(
+        2.0, gt=0, description="requests in flight per replica the autoscaler aims at: more adds a replica")
+    upscale_delay_s: float = operational(10.0, ge=0, description="load above target this long adds replicas")
+    downscale_delay_s: float = operational(60.0, ge=0, description="load below target this long removes replicas")
+
+    @model_validator(mode="after")
+    def _min_below_max(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, gt=0)
-    model_name: str = "proxykd-student"
+    """`proxykd serve CONFIG_OR_RUN_DIR`: the run's students (and proxy) over an OpenAI-compatible
+    API behind optional API keys and request limits (proxykd/serving.py). Serving writes no
+    artifacts, so every key here is operational."""
+
+    host: str = operational("127.0.0.1", description="interface to listen on (0.0.0.0: all)")
+    port: int = operational(8000, gt=0, lt=65536)
+    model_name: str = operational("proxykd-student", min_length=1, description="the name clients send for the "
+                                  "Proxy-KD student (distill/model)")
+    baseline_name: Optional[str] = operational(
+        None, min_length=1, description="also serve the α = 0 (black-box KD) student (distill/baseline/model) "
+        "under this name, for A/B through one endpoint; null: not served")
+    proxy_name: Optional[str] = operational(
+        None, min_length=1, description="also serve the aligned proxy (align manifest `model`) under this name; "
+        "null: not served")
+    api_key_env: Optional[str] = operational(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of the environment variable holding the "
+        "accepted API keys (comma-separated); every route then needs `Authorization: Bearer KEY`. The key "
+        "itself never goes in a config. null: no auth (loopback use)")
+    num_replicas: int = operational(1, ge=1, description="replicas per model when `autoscaling` is null")
+    autoscaling: Optional[ServeAutoscalingConfig] = operational(
+        None, description="replicas per model between min and max by load; null: a fixed num_replicas")
+    max_ongoing_requests: int = operational(
+        16, ge=1, description="requests one replica runs at once; more wait in Serve's queue")
+    max_tokens: int = operational(
+        512, ge=1, description="largest max_tokens a request may ask for (400 above it); requests without one "
+        "get this, and the context length caps both")
+    max_n: int = operational(4, ge=1, description="largest n (choices per request); 400 above it")
+    max_body_bytes: int = operational(1_000_000, ge=1024, description="largest request body; 400 above it")
+    request_timeout_s: float = operational(
+        120.0, gt=0, description="a request running longer is stopped (408, streams end with an error event)")
+    max_model_len: Optional[int] = operational(
+        None, gt=0, description="context length in tokens (prompt + output; longer prompts get 400); null: the "
+        "model's own")
+    warmup: bool = operational(True, description="each replica answers a short request before it reports "
+                               "ready, so the first client request runs at normal speed")
+
+    @model_validator(mode="after")
+    def _distinct_names(self):
+        names = [n for n in (self.model_name, self.baseline_name, self.proxy_name) if n is not None]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model_name, baseline_name and proxy_name must differ, got {names}")
+        return self
 
 
 class RunConfig(_Strict):
