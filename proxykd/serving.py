@@ -335,6 +335,10 @@ def serve_target(target: Target, blocking: bool = True) -> str:
     started = time.monotonic()
     try:
         pipeline.init_ray(SimpleNamespace(ray=target.ray))
+        if blocking and threading.current_thread() is threading.main_thread():
+            # again: ray.init installs its own SIGTERM handler in the driver (it aborts the process)
+            signal.signal(signal.SIGTERM, _raise_stop)
+            signal.signal(signal.SIGINT, _raise_stop)
         from ray import serve
 
         serve.start(http_options={"host": s.host, "port": s.port})
