@@ -470,6 +470,10 @@ class ServeConfig(_Strict):
         "model's own")
     warmup: bool = operational(True, description="each replica answers a short request before it reports "
                                "ready, so the first client request runs at normal speed")
+    ingress_resources: dict[str, float] = operational(
+        default_factory=dict, description="Ray custom resources the ingress (the replica that checks API keys) "
+        "asks for, e.g. {proxykd_ingress: 1} offered by the head node only: the key's Secret is then needed "
+        "on the head alone (cluster/kuberay/rayservice.yaml)")
 
     @model_validator(mode="after")
     def _distinct_names(self):

@@ -175,7 +175,7 @@ def build_models_app(models: dict[str, str], serve_cfg=None, *, use_gpu: bool = 
         # The ingress only forwards: it must never be what queues requests (the model replicas'
         # max_ongoing_requests is the limit), and it needs no CPU of its own.
         max_ongoing_requests=10_000,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, **({"resources": dict(s.ingress_resources)} if s.ingress_resources else {})},
         graceful_shutdown_timeout_s=5,
     )
     return ingress.bind(llm_deployments=deployments, model_cards=cards, limits=dataclasses.asdict(limits),

@@ -388,3 +388,46 @@ def test_app_wiring_from_the_serve_section(tmp_path):
     fixed = build_models_app({"a": str(run / "distill/model")}, ServeConfig(num_replicas=2))
     d = fixed._bound_deployment.init_kwargs["llm_deployments"]["a"]._bound_deployment
     assert d.num_replicas == 2 and d._deployment_config.autoscaling_config is None
+
+
+def test_serve_config_and_rayservice_build_the_same_app_with_keys_on(tmp_path):
+    """serve/config.yaml and the RayService are valid Serve configs whose builder arguments resolve to
+    the app `proxykd serve` runs; the RayService turns API keys on, from a Secret on the head only."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from proxykd.config import ServeConfig, apply_overrides
+
+    repo = Path(__file__).resolve().parents[1]
+    local = yaml.safe_load((repo / "serve/config.yaml").read_text())
+    service = yaml.safe_load((repo / "cluster/kuberay/rayservice.yaml").read_text())
+    remote = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for doc in (local, remote):
+        ServeDeploySchema.model_validate(doc)
+        (app,) = doc["applications"]
+        assert app["import_path"] == "serve.app:build" and set(app["args"]) <= {"target", "set", "use_gpu"}
+    sets = remote["applications"][0]["args"]["set"]
+    s = ServeConfig.model_validate(apply_overrides({}, [x for x in sets if x.startswith("serve.")])["serve"])
+    assert s.api_key_env and s.ingress_resources
+    cluster = service["spec"]["rayClusterConfig"]
+    head_env = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    (entry,) = [e for e in head_env if e["name"] == s.api_key_env]
+    assert set(entry) == {"name", "valueFrom"} and entry["valueFrom"]["secretKeyRef"]["name"]
+    assert all(r in cluster["headGroupSpec"]["rayStartParams"]["resources"] for r in s.ingress_resources)
+    for group in cluster["workerGroupSpecs"]:
+        for c in group["template"]["spec"]["containers"]:
+            assert s.api_key_env not in json.dumps(c.get("env"))
+
+    # serve.app:build with the local config's arguments, pointed at a run folder
+    import importlib
+
+    run = _fake_run(tmp_path)
+    app_module = importlib.import_module("serve.app")
+    args = {**local["applications"][0]["args"], "target": str(run)}
+    built = app_module.build(args)
+    kwargs = built._bound_deployment.init_kwargs
+    assert kwargs["api_key_env"] == "PROXYKD_SERVE_KEYS" and list(kwargs["llm_deployments"]) == ["proxykd-student"]
+    with pytest.raises(ValueError, match="unknown arguments"):
+        app_module.build({"target": str(run), "bogus": 1})
