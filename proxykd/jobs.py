@@ -160,6 +160,20 @@ def job_info(job_id: str, address: Optional[str] = None):
     return client(address).get_job_info(job_id)
 
 
+def wait(job_id: str, address: Optional[str] = None, timeout_s: float = 3600, poll_s: float = 1.0):
+    """Block until the job ends and return its details (status SUCCEEDED, FAILED or STOPPED);
+    TimeoutError after `timeout_s`."""
+    c = client(address)
+    deadline = time.time() + timeout_s
+    while True:
+        info = c.get_job_info(job_id)
+        if str(getattr(info.status, "value", info.status)) in TERMINAL:
+            return info
+        if time.time() > deadline:
+            raise TimeoutError(f"job {job_id} still {info.status} after {timeout_s:g} s")
+        time.sleep(poll_s)
+
+
 def _ms(ts: Optional[int]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts / 1000)) if ts else "-"
 

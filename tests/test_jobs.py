@@ -224,14 +224,8 @@ def client_env(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # the submitter has a key: it must not travel
 
 
-def _wait(address, job_id, states=jobs.TERMINAL, timeout=120):
-    deadline = time.time() + timeout
-    while True:
-        info = jobs.job_info(job_id, address)
-        if str(info.status.value) in states:
-            return info
-        assert time.time() < deadline, f"job {job_id} still {info.status} after {timeout} s"
-        time.sleep(0.5)
+def _wait(address, job_id, timeout=120):
+    return jobs.wait(job_id, address, timeout_s=timeout, poll_s=0.5)
 
 
 def test_submit_status_logs_of_a_job(cluster, client_env, tmp_path, capsys):
