@@ -14,7 +14,7 @@ Workloads:
   Ray Train trainer (TorchTrainer's base, DataParallelTrainer) with `training.scaling_kwargs` (`resources.train.accelerator_type: L40S`).
   Each stage's actors sleep instead of calling an API or running vLLM/torch: the demand and its
   timing are the pipeline's, the work is not.
-- `pipeline` (~10+ min on 2 cores): the real pipeline (`proxykd submit ... run`) on a tiny config
+- `pipeline` (~7 min on 2 cores): the real pipeline (`proxykd submit ... run`) on a tiny config
   (local teacher, tiny models, vLLM on CPU) with the same per-stage resources.
 
 The GPU worker types have no GPU here (a 2-core CPU machine): they advertise
