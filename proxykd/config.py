@@ -506,6 +506,11 @@ class RunConfig(_Strict):
             raise ValueError("run_dir must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _teacher_resources(self):
+        self.teacher._ray_resources = self.resources.teacher
+        return self
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the offending key."""
@@ -564,11 +569,6 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
 
 
 def fingerprint(*parts: Any) -> str:
-    @model_validator(mode="after")
-    def _teacher_resources(self):
-        self.teacher._ray_resources = self.resources.teacher
-        return self
-
     """Stable short hash of JSON-able parts; pydantic models count by their `artifact_view`."""
     norm = [artifact_view(p) if isinstance(p, BaseModel) else p for p in parts]
     return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()[:16]
