@@ -42,16 +42,18 @@ def run(cfg: RunConfig, proxy_path: str, student: str, logits_hash: str) -> dict
     runs = {"proxykd": (folder, "kd" if d.alpha > 0 else "sft")}
     if d.baseline and d.alpha > 0:  # with alpha = 0 the student *is* the baseline
         runs["baseline"] = (folder / "baseline", "sft")
+    todo = {name: run for name, run in runs.items() if not (run[0] / "model").exists()}
+    for name, (_, objective) in todo.items():
+        log.info("distill: training the %s student (%s)", name, objective)
+    # the two students are independent: trained side by side where the cluster holds both
+    training.fit_concurrently([dict(
+        name=f"distill-{name}", objective=objective, model_path=student, table=rows, out_dir=out_dir,
+        train=d.train, resources=cfg.resources,
+        loss={"alpha": d.alpha, "sample_weighting": d.sample_weighting, "divergence": d.divergence,
+              "tail": d.tail, "jsd_beta": d.jsd_beta}) for name, (out_dir, objective) in todo.items()], cfg.resources)
     models, final_loss = {}, {}
-    for name, (out_dir, objective) in runs.items():
-        if not (out_dir / "model").exists():
-            log.info("distill: training the %s student (%s)", name, objective)
-            training.fit(
-                name=f"distill-{name}", objective=objective, model_path=student,
-                table=rows, out_dir=out_dir, train=d.train, resources=cfg.resources,
-                loss={"alpha": d.alpha, "sample_weighting": d.sample_weighting, "divergence": d.divergence,
-                      "tail": d.tail, "jsd_beta": d.jsd_beta},
-            )
+    for name, (out_dir, _) in runs.items():
+        if name in todo:
             training.plot_metrics(out_dir)
         models[name] = str(out_dir / "model")
         metrics = training.read_metrics(out_dir)

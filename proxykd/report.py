@@ -151,19 +151,27 @@ class Report:
         common = pc.filter(ids["aligned"], pc.is_in(ids["aligned"], value_set=ids["unaligned"].combine_chunks()))
         return {k: training.ParquetRows.from_folder(d, ids=common) for k, d in self.logits_dirs.items()}
 
-    def train(self, arm: str, alpha: float, lr: float, seed: int, rows: dict[str, training.ParquetRows]) -> str:
-        _, objective, source, weighting = ARMS[arm]
-        out_dir = self.folder / "arms" / arm / setting_name(arm, alpha, lr, seed)
-        if not (out_dir / training.MODEL_DIR).exists():
-            log.info("report: training %s (%s)", arm, out_dir.name)
-            d = self.cfg.distill
-            self._timed(f"train {arm}", lambda: training.fit(
-                name=f"report-{arm}-{out_dir.name}", objective=objective, model_path=self.student_init,
-                table=rows[source], out_dir=out_dir, train=d.train.model_copy(update={"lr": lr, "seed": seed}),
-                resources=self.cfg.resources,
-                loss={"alpha": alpha if objective == "kd" else 0.0, "sample_weighting": bool(weighting),
-                      "divergence": d.divergence, "tail": d.tail, "jsd_beta": d.jsd_beta}))
-        return str(out_dir / training.MODEL_DIR)
+    def train(self, settings: list[tuple[str, float, float, int]], rows: dict[str, training.ParquetRows]) -> list[str]:
+        """The model folder of each (arm, α, lr, seed), trained where not yet on disk; the trainings
+        are independent, so they run side by side as far as the cluster holds them."""
+        d, runs, arms, paths = self.cfg.distill, [], [], []
+        for arm, alpha, lr, seed in settings:
+            _, objective, source, weighting = ARMS[arm]
+            out_dir = self.folder / "arms" / arm / setting_name(arm, alpha, lr, seed)
+            paths.append(str(out_dir / training.MODEL_DIR))
+            if not (out_dir / training.MODEL_DIR).exists():
+                log.info("report: training %s (%s)", arm, out_dir.name)
+                arms.append(arm)
+                runs.append(dict(
+                    name=f"report-{arm}-{out_dir.name}", objective=objective, model_path=self.student_init,
+                    table=rows[source], out_dir=out_dir, train=d.train.model_copy(update={"lr": lr, "seed": seed}),
+                    resources=self.cfg.resources,
+                    loss={"alpha": alpha if objective == "kd" else 0.0, "sample_weighting": bool(weighting),
+                          "divergence": d.divergence, "tail": d.tail, "jsd_beta": d.jsd_beta}))
+        if runs:
+            self._timed(f"train {' + '.join(dict.fromkeys(arms))}",
+                        lambda: training.fit_concurrently(runs, self.cfg.resources))
+        return paths
 
     def results(self, split: str, models: dict[str, str], rows: pa.Table) -> dict[str, pa.Table]:
         """Per-item results of each model (key: path, or "teacher") on one split. The models not yet
@@ -192,8 +200,8 @@ class Report:
         seed = self.cfg.report.seeds[0]
         if len(candidates) == 1:
             return candidates[0], []
-        models = {f"{arm}-{setting_name(arm, alpha, lr, seed)}": self.train(arm, alpha, lr, seed, rows)
-                  for alpha, lr in candidates}
+        paths = self.train([(arm, alpha, lr, seed) for alpha, lr in candidates], rows)
+        models = {f"{arm}-{setting_name(arm, alpha, lr, seed)}": path for (alpha, lr), path in zip(candidates, paths)}
         tried = []
         for (alpha, lr), results in zip(candidates, self.results("dev", models, dev).values()):
             summary = accuracy_summary(results)
@@ -231,10 +239,12 @@ class Report:
         # a–e at the first seed, then b and e at each further seed
         runs = [(arm, seed, arm) for arm in chosen for seed in rc.seeds[:1]]
         runs += [(arm, seed, f"{arm}@seed{seed}") for seed in rc.seeds[1:] for arm in ("blackbox-kd", "proxykd")]
-        for arm, seed, key in sorted(runs, key=lambda r: (r[2] != r[0], list(ARMS).index(r[0]))):
+        runs.sort(key=lambda r: (r[2] != r[0], list(ARMS).index(r[0])))
+        paths = self.train([(arm, *chosen[arm], seed) for arm, seed, _ in runs], rows)
+        for (arm, seed, key), path in zip(runs, paths):
             a, lr = chosen[arm]
-            models[key] = self.train(arm, a, lr, seed, rows)
-            settings[key] = {"alpha": a, "lr": lr, "seed": seed, "dir": str(Path(models[key]).parent)}
+            models[key] = path
+            settings[key] = {"alpha": a, "lr": lr, "seed": seed, "dir": str(Path(path).parent)}
         references = {"proxy-aligned": self.proxy_aligned, "proxy-unaligned": self.proxy_init, "teacher": "teacher"}
 
         results = self.results("eval", {**models, **references}, eval_rows)

@@ -54,6 +54,20 @@ def test_every_row_of_an_epoch_is_trained_once(world, accum):
     assert n - len(seen) == (n % G if n % G < world * accum else 0)
 
 
+def test_fits_at_once_is_what_the_clusters_totals_hold_and_never_zero():
+    one_cpu = {"num_workers": 1, "resources_per_worker": {"CPU": 1}}
+    assert training.fits_at_once({"CPU": 4.0}, one_cpu) == 4
+    assert training.fits_at_once({"CPU": 4.0}, {**one_cpu, "num_workers": 2}) == 2
+    assert training.fits_at_once({"CPU": 3.0}, {**one_cpu, "num_workers": 2}) == 1
+    gpu = {"num_workers": 1, "resources_per_worker": {"CPU": 1, "GPU": 1}}
+    assert training.fits_at_once({"CPU": 16.0, "GPU": 1.0}, gpu) == 1
+    assert training.fits_at_once({"CPU": 16.0, "GPU": 8.0}, gpu) == 8
+    assert training.fits_at_once({"CPU": 2.0}, gpu) == 1  # no GPU node yet: one, for the autoscaler to place
+    mem = {"num_workers": 1, "resources_per_worker": {"CPU": 1, "memory": 8 * 2**30}}
+    assert training.fits_at_once({"CPU": 8.0, "memory": 20.0 * 2**30}, mem) == 2
+    assert training.fits_at_once({"CPU": 8.0}, {"num_workers": 1, "resources_per_worker": {"CPU": 0}}) == 1
+
+
 def test_lr_factor():
     assert [training.lr_factor(s, 10, 0, "constant") for s in range(10)] == [1.0] * 10
     assert [training.lr_factor(s, 10, 4, "constant") for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
