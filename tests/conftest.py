@@ -91,9 +91,82 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def ray_head():
+    """One `ray start --head` cluster on 127.0.0.1 for the session's job-submission tests: the
+    address of its dashboard (http://127.0.0.1:PORT). In a process group of its own, stopped by
+    signalling that group (never `ray stop --force`, which would stop every Ray on this machine).
+    Not `--block`: that kills the whole head when one of its processes dies, and under load its
+    Ray Client server gives up (after 30 s) waiting for the head's node to register."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    port, dash, agent = free_port(), free_port(), free_port()
+    # A temp dir of its own: a job's driver finds its cluster through TEMP_DIR/ray_current_cluster,
+    # which any other `ray start` on this machine overwrites in the shared /tmp/ray.
+    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+    head = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+         "--temp-dir", temp_dir,
+         "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4",
+         "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(free_port()),
+         "--disable-usage-stats"],
+        # (no 30 s drain on SIGTERM: nothing of this head needs to be handed over)
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    session = None
+    try:
+        out, _ = head.communicate(timeout=180)
+        assert head.returncode == 0, f"ray start --head failed:\n{out[-3000:]}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                session = json.loads(urllib.request.urlopen(f"{address}/api/version", timeout=2).read())["session_name"]
+                break
+            except OSError:
+                assert time.time() < deadline, "the Ray head did not come up in 120 s"
+                time.sleep(0.5)
+        yield address
+    finally:
+        head.poll() is None and head.kill()
+        stop_process_group(head.pid)
+        if session:  # workers that left the group
+            kill_ray_session(f"{temp_dir}/{session}")
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_process_group(pgid: int) -> None:
+    """SIGTERM to a process group, SIGKILL to what is left after 5 s (a Ray head's GCS server and
+    autoscaler monitor do not stop on SIGTERM)."""
+    import signal
+    import time
+
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray per test module, on loopback, shut down afterwards."""
+    """One local Ray for the session's in-process tests, on loopback, shut down at the end (a start
+    costs 5 to 10 s on 2 cores). Tests that kill a Ray or check what is left of one start their
+    own, in a process of their own."""
     import ray
 
     # address="local": a cluster of its own even while a `ray start` cluster runs on this machine
@@ -161,3 +234,80 @@ def student_split(rows):
     teacher = pa.table({"id": [r[0] for r in rows], "response": [r[2] for r in rows],
                         "finish_reason": [r[3] for r in rows]})
     return prompts, teacher
+
+
+# ---------------------------------------------------------------- the session's pipeline run
+
+# Bad rows among the good ones of the pipeline run's prompt file, each with a reference (the local
+# teacher would answer it): (line text, the id it is rejected under, what its error says).
+BAD_ROWS = [
+    (b'{"id": "not-utf8", "prompt": "caf\xe9", "reference": "1"}', "<line {n}>", "not valid UTF-8"),
+    (b'{"id": "surrogate", "prompt": "1 + \\ud800 = ?", "reference": "1"}', "surrogate", "lone surrogate"),
+    (b'{"id": "task-number", "prompt": "1 + 1 = ?", "reference": "2", "task": 7}', "task-number", "unknown task 7"),
+    (b'{"id": "metadata-list", "prompt": "1 + 1 = ?", "reference": "2", "metadata": [1]}', "metadata-list",
+     "must be a JSON object"),
+    (b'{"id": "hash#1", "prompt": "1 + 1 = ?", "reference": "2"}', "hash#1", "contains '#'"),
+    (b'{"id": "basic_arithmetic-0-0", "prompt": "2 + 2 = ?", "reference": "4"}', "basic_arithmetic-0-0",
+     "duplicate `id` (first on line 1)"),
+    (b'{"id": "truncated", "prompt": ', "<line {n}>", "not valid JSON"),
+]
+
+
+def prompt_file_with_bad_rows(path, tree: dict) -> list[tuple[str, str, str]]:
+    """The config's reasoning-gym rows as a JSONL prompt file with BAD_ROWS between them; returns
+    (id, where, error fragment) of each bad row."""
+    import json
+
+    from proxykd.config import DataConfig
+    from proxykd.data import reasoning_gym_rows
+
+    lines = [json.dumps(r).encode() for r in reasoning_gym_rows(DataConfig(**tree["data"]))]
+    expected = []
+    for i, (line, rid, why) in enumerate(BAD_ROWS):
+        n = 2 + 3 * i  # 1-based line number once inserted: every third line, after the first
+        lines.insert(n - 1, line)
+        expected.append((rid.format(n=n), f"line {n}: ", why))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return expected
+
+
+def submit_and_wait(address: str, config, timeout_s: float = 900) -> str:
+    """`proxykd submit CONFIG` to the cluster at `address`, waited for: the job's output. Fails the
+    test with the output's tail unless the job succeeded."""
+    from proxykd import jobs
+
+    job_id = jobs.submit(config, address)
+    info = jobs.wait(job_id, address, timeout_s=timeout_s, poll_s=1.0)
+    out = jobs.job_logs(job_id, address)
+    assert str(getattr(info.status, "value", info.status)) == "SUCCEEDED", out[-5000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(ray_head, tmp_path_factory):
+    """The whole pipeline on tiny models, submitted once as a Ray job to the session's head, from a
+    prompt file with BAD_ROWS among two reasoning-gym tasks, with a dev split and one DPO round.
+    Shared: tests/test_pipeline.py checks its artifacts, tests/test_report_run.py runs `proxykd
+    report` on from its stages (the same config; only the report's own parts are new)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("pipeline")
+    tree = tiny_config(
+        root / "run",
+        data={"tasks": [{"name": "basic_arithmetic", "size": 60,
+                         "kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
+                        {"name": "syllogism", "size": 40}],
+              "eval_fraction": 0.2, "dev_fraction": 0.15, "split_by": "question",
+              "split": {"warmup": 0.2, "proxy": 0.4, "student": 0.4}},
+        # syllogisms run to about 250 byte-level tokens
+        align={"rows_per_round": 8, "max_length": 256, "heldout_fraction": 0.25},
+        logits={"max_length": 256},
+        # one seed: each further seed adds two trainings and two vLLM engines (the real report runs two)
+        report={"seeds": [0], "lrs": [1e-3, 3e-3], "alphas": [1.0], "bootstrap_samples": 300},
+    )
+    bad = prompt_file_with_bad_rows(root / "prompts.jsonl", tree)
+    tree["data"] = {**tree["data"], "source": "file", "path": str(root / "prompts.jsonl")}
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    out = submit_and_wait(ray_head, config)
+    return {"cluster": ray_head, "config": config, "tree": tree, "run_dir": root / "run", "output": out, "bad": bad}

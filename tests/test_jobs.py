@@ -1,20 +1,17 @@
-"""`proxykd submit|status|logs|stop` against a `ray start --head` cluster of the test's own, and
+"""`proxykd submit|status|logs|stop` against the session's `ray start --head` cluster, and
 `proxykd status RUN_DIR` on a run folder written with the real artifact functions (no engines)."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import yaml
 
-from conftest import free_port, tiny_config
+from conftest import tiny_config
 from proxykd import artifacts, jobs
 from proxykd.cli import main as cli
 
@@ -166,54 +163,9 @@ def test_status_of_a_run_folder_reads_each_stage_and_the_spend_so_far(tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A `ray start --head` of our own on 127.0.0.1, in a process group of its own, stopped by
-    signalling that group (never `ray stop --force`, which would stop every Ray on this machine).
-    Not `--block`: that kills the whole head when one of its processes dies, and under load its
-    Ray Client server gives up (after 30 s) waiting for the head's node to register."""
-    port, dash, agent = free_port(), free_port(), free_port()
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-         "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(free_port()),
-         "--disable-usage-stats"],
-        # (no 30 s drain on SIGTERM: nothing of this head needs to be handed over)
-        env={**_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        assert head.wait(timeout=180) == 0, "ray start --head failed"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "the Ray head did not come up in 120 s"
-                time.sleep(1)
-        yield address
-    finally:
-        head.poll() is None and head.kill()
-        _stop_group(head.pid)
-
-
-def _stop_group(pgid: int) -> None:
-    """SIGTERM to the head's process group, SIGKILL to what is left after 5 s (the GCS server and the
-    autoscaler monitor do not stop on SIGTERM)."""
-    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait_s
-        while time.time() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.5)
-    raise AssertionError(f"processes of the test's Ray head (group {pgid}) survived SIGKILL")
+def cluster(ray_head):
+    """The session's `ray start --head` (conftest.ray_head), shared with the end-to-end pipeline."""
+    return ray_head
 
 
 @pytest.fixture

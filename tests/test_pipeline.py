@@ -1,120 +1,24 @@
-"""The whole pipeline, submitted with `ray job submit` to a local `ray start --head` cluster,
-then its artifacts checked against the contracts in DESIGN.md, then a rerun that skips every stage."""
+"""The whole pipeline, submitted with `proxykd submit` (proxykd.jobs) to the session's `ray start
+--head` cluster (conftest.pipeline_run), then its artifacts checked against the contracts in
+DESIGN.md, then a rerun that skips every stage."""
 
 import json
-import os
-import signal
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from conftest import free_port, tiny_config
+from conftest import BAD_ROWS, submit_and_wait
 from proxykd.artifacts import shard_files
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prompts", "teacher", "align", "logits", "distill", "eval"]
 
 
-def _env():
-    return {**os.environ, "RAY_AUTH_MODE": "disabled"}
-
-
 @pytest.fixture(scope="module")
-def cluster():
-    """A `ray start --head` cluster of our own, stopped by killing its process group (not with
-    `ray stop --force`, which would take down every other Ray on this machine too)."""
-    port, dash, agent = free_port(), free_port(), free_port()
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4",
-         # (a free agent port: another Ray on this machine may hold the default one)
-         "--dashboard-agent-listen-port", str(agent), "--disable-usage-stats"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert head.poll() is None, "ray start --head exited"
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "the Ray head did not come up in 120 s"
-                time.sleep(1)
-        yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-
-
-def _submit(address: str, config: Path) -> str:
-    for _ in range(30):
-        proc = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "jobs/pipeline.py", "--config", str(config)],
-            env=_env(), capture_output=True, text=True, timeout=900, cwd=REPO,
-        )
-        out = proc.stdout + proc.stderr
-        if "No available agent to submit job" not in out:  # the head's job agent is still starting
-            break
-        time.sleep(2)
-    assert proc.returncode == 0, out[-5000:]
-    return out
-
-
-# Bad rows among the good ones of the prompt file, each with a reference (the local teacher would
-# answer it): (line text, the id it is rejected under, what its error says).
-BAD_ROWS = [
-    (b'{"id": "not-utf8", "prompt": "caf\xe9", "reference": "1"}', "<line {n}>", "not valid UTF-8"),
-    (b'{"id": "surrogate", "prompt": "1 + \\ud800 = ?", "reference": "1"}', "surrogate", "lone surrogate"),
-    (b'{"id": "task-number", "prompt": "1 + 1 = ?", "reference": "2", "task": 7}', "task-number", "unknown task 7"),
-    (b'{"id": "metadata-list", "prompt": "1 + 1 = ?", "reference": "2", "metadata": [1]}', "metadata-list",
-     "must be a JSON object"),
-    (b'{"id": "hash#1", "prompt": "1 + 1 = ?", "reference": "2"}', "hash#1", "contains '#'"),
-    (b'{"id": "basic_arithmetic-0-0", "prompt": "2 + 2 = ?", "reference": "4"}', "basic_arithmetic-0-0",
-     "duplicate `id` (first on line 1)"),
-    (b'{"id": "truncated", "prompt": ', "<line {n}>", "not valid JSON"),
-]
-
-
-def _prompt_file(path: Path, tree: dict) -> list[tuple[str, str]]:
-    """The tiny config's reasoning-gym rows as a JSONL prompt file with BAD_ROWS between them;
-    returns (id, error fragment) of each bad row."""
-    from proxykd.config import DataConfig
-    from proxykd.data import reasoning_gym_rows
-
-    lines = [json.dumps(r).encode() for r in reasoning_gym_rows(DataConfig(**tree["data"]))]
-    expected = []
-    for i, (line, rid, why) in enumerate(BAD_ROWS):
-        n = 2 + 3 * i  # 1-based line number once inserted: every third line, after the first
-        lines.insert(n - 1, line)
-        expected.append((rid.format(n=n), f"line {n}: ", why))
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return expected
-
-
-@pytest.fixture(scope="module")
-def run(cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    tree = tiny_config(root / "run", align={"rows_per_round": 8})
-    bad = _prompt_file(root / "prompts.jsonl", tree)
-    tree["data"] = {**tree["data"], "source": "file", "path": str(root / "prompts.jsonl")}
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    out = _submit(cluster, config)
-    return {"cluster": cluster, "config": config, "run_dir": root / "run", "output": out, "bad": bad}
+def run(pipeline_run):
+    return pipeline_run
 
 
 def manifest(run, stage):
@@ -131,7 +35,7 @@ def test_job_runs_every_stage_and_prints_the_eval_table(run):
 
 def test_prompts_and_teacher_artifacts(run):
     prompts = pq.read_table(run["run_dir"] / "prompts" / "prompts.parquet")
-    assert set(prompts["split"].to_pylist()) == {"warmup", "proxy", "student", "eval"}
+    assert set(prompts["split"].to_pylist()) == {"warmup", "proxy", "student", "dev", "eval"}
     shards = shard_files(run["run_dir"] / "teacher")
     teacher = pa.concat_tables([pq.read_table(f) for f in shards])
     assert teacher.column_names == ["id", "sample_index", "messages", "response", "finish_reason", "model",
@@ -146,7 +50,7 @@ def test_prompts_and_teacher_artifacts(run):
 
 def test_every_bad_prompt_row_is_named_and_the_good_rows_reach_the_eval(run):
     prompts = pq.read_table(run["run_dir"] / "prompts" / "prompts.parquet")
-    assert prompts.num_rows == 60 and len(set(prompts["id"].to_pylist())) == 60  # every good row
+    assert prompts.num_rows == 100 and len(set(prompts["id"].to_pylist())) == 100  # every good row
     rejected = pq.read_table(run["run_dir"] / "prompts" / "rejected.parquet").to_pylist()
     assert manifest(run, "prompts")["rejected_count"] == len(rejected) == len(BAD_ROWS)
     for got, (rid, where, why) in zip(rejected, run["bad"]):
@@ -230,7 +134,7 @@ def test_eval_results_and_report(run):
 
 def test_rerun_skips_every_finished_stage(run):
     before = {s: manifest(run, s)["finished_at"] for s in STAGES}
-    out = _submit(run["cluster"], run["config"])
+    out = submit_and_wait(run["cluster"], run["config"])
     for stage in STAGES[1:]:
         assert f"{stage}: done already" in out
     assert {s: manifest(run, s)["finished_at"] for s in STAGES} == before

@@ -10,36 +10,32 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_config
 from proxykd import report, training
 from proxykd.artifacts import read_shards
 from proxykd.config import parse_config
 
 
 @pytest.fixture(scope="module")
-def done(tmp_path_factory, local_ray):
-    run_dir = tmp_path_factory.mktemp("report") / "run"
-    cfg = parse_config(tiny_config(
-        run_dir,
-        data={"tasks": [{"name": "basic_arithmetic", "size": 60,
-                         "kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
-                        {"name": "syllogism", "size": 40}],
-              "eval_fraction": 0.2, "dev_fraction": 0.15, "split_by": "question",
-              "split": {"warmup": 0.2, "proxy": 0.4, "student": 0.4}},
-        # no DPO rounds, nothing held out: the stage's own tests cover them, and each costs a vLLM engine
-        align={"rounds": 0, "heldout_fraction": 0.0, "max_length": 256, "warmup": {"epochs": 1, "batch_size": 8}},
-        logits={"top_k": 5, "batch_size": 16, "max_length": 256},
-        distill={"train": {"epochs": 1, "batch_size": 8}},
-        eval={"max_tokens": 8},
-        # one seed: each further seed adds two trainings and two vLLM engines (the real report runs two)
-        report={"seeds": [0], "lrs": [1e-3, 3e-3], "alphas": [1.0], "bootstrap_samples": 300},
-    ))
+def done(pipeline_run, local_ray):
+    """The report on from the session's pipeline run (conftest.pipeline_run: two tasks, a dev split
+    by question, one DPO round): its stages up to logits are done for this config, so the report
+    adds the unaligned proxy's logits, the arms and their evals."""
+    cfg = parse_config(pipeline_run["tree"])
+    upstream = {s: json.loads((Path(cfg.run_dir) / s / "manifest.json").read_text())["finished_at"]
+                for s in ("prompts", "teacher", "align", "logits")}
     manifest = report.run(cfg)
-    return cfg, manifest, run_dir / "report"
+    return cfg, manifest, Path(cfg.run_dir) / "report", upstream
+
+
+def test_the_report_goes_on_from_the_runs_stages_without_redoing_them(done):
+    cfg, manifest, folder, upstream = done
+    assert {s: json.loads((Path(cfg.run_dir) / s / "manifest.json").read_text())["finished_at"]
+            for s in upstream} == upstream
+    assert (Path(cfg.run_dir) / "unaligned" / "logits" / "manifest.json").exists()  # the report's own
 
 
 def test_every_arm_is_reported_on_the_same_eval_items(done):
-    cfg, manifest, folder = done
+    cfg, manifest, folder, _ = done
     rep = json.loads((folder / "report.json").read_text())
     arms = set(rep["arms"])
     assert set(report.ARMS) | set(report.REFERENCES) <= arms
@@ -61,7 +57,7 @@ def test_every_arm_is_reported_on_the_same_eval_items(done):
 
 
 def test_arms_train_on_the_same_rows_steps_and_batches(done):
-    cfg, _, folder = done
+    cfg, _, folder, _ = done
     rep = json.loads((folder / "report.json").read_text())
     seed0 = [k for k in report.ARMS if k != "student-untrained"]
     batches = {k: [r["batch"] for r in training.read_metrics(Path(rep["arms"][k]["dir"]))] for k in seed0}
@@ -73,7 +69,7 @@ def test_arms_train_on_the_same_rows_steps_and_batches(done):
 
 
 def test_hyperparameters_are_picked_on_dev_items_that_are_not_eval_items(done):
-    cfg, _, folder = done
+    cfg, _, folder, _ = done
     rep = json.loads((folder / "report.json").read_text())
     dev = [c for c in rep["hyperparameters"]["dev"] if c["arm"] == "blackbox-kd"]
     assert sorted(c["lr"] for c in dev) == [1e-3, 3e-3]
@@ -89,7 +85,7 @@ def test_hyperparameters_are_picked_on_dev_items_that_are_not_eval_items(done):
 
 
 def test_a_rerun_is_skipped_and_a_killed_report_redoes_only_what_is_missing(done):
-    cfg, manifest, folder = done
+    cfg, manifest, folder, _ = done
     assert report.run(cfg)["finished_at"] == manifest["finished_at"]  # done: nothing rerun
     kept = folder / "results" / "eval" / "blackbox-kd.parquet"
     lost = folder / "results" / "eval" / "proxykd.parquet"
