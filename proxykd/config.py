@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer,
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
                       model_validator)
 
 
@@ -199,9 +199,6 @@ class TeacherConfig(_Strict):
         0.5, gt=0, le=1, description="batch price = online price × this, for prices not given below")
     batch_price_per_million_prompt_tokens: Optional[float] = operational(None, ge=0, description="USD; null: discounted")
     batch_price_per_million_completion_tokens: Optional[float] = operational(None, ge=0, description="USD; null: discounted")
-    # The teacher actors' Ray request, `resources.teacher` (RunConfig hands it over: the stage gets this
-    # section alone). Private: neither dumped nor fingerprinted.
-    _ray_resources: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _budget_needs_prices(self):
@@ -505,11 +502,6 @@ class RunConfig(_Strict):
         if not v.strip():
             raise ValueError("run_dir must not be empty")
         return v
-
-    @model_validator(mode="after")
-    def _teacher_resources(self):
-        self.teacher._ray_resources = self.resources.teacher
-        return self
 
 
 class ConfigError(ValueError):

@@ -175,7 +175,7 @@ class Upstream:
 # Each stage after prompts: (its fingerprint: its config slice and its inputs' fingerprints; its run).
 STAGE_STEPS = {
     "teacher": (lambda u: teacher.config_hash(u.cfg.teacher, u.content_hash),
-                lambda u: teacher.run(u.cfg.teacher, u.prompts, u.content_hash, u.cfg.run_dir)),
+                lambda u: teacher.run(u.cfg.teacher, u.prompts, u.content_hash, u.cfg.run_dir, u.cfg.resources.teacher)),
     "align": (lambda u: align.config_hash(u.cfg, u.answers_hash),
               lambda u: align.run(u.cfg, u.prompts, u.responses, u.answers_hash, u.initial_models[0])),
     "logits": (lambda u: logits.config_hash(u.cfg, u.hashes["align"]),

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from proxykd import artifacts
-from proxykd.config import TeacherConfig, fingerprint
+from proxykd.config import StageResources, TeacherConfig, fingerprint
 from proxykd.data import MESSAGES_TYPE, teacher_style_response
 from proxykd.encode import sample_id
 
@@ -695,12 +695,10 @@ def _local_teacher(prompts: pa.Table):
     return LocalTeacher(table)
 
 
-def actor_ray_args(cfg: TeacherConfig) -> dict:
-    """What each teacher actor asks Ray for: `resources.teacher` (handed over with the config),
-    0.5 CPU and no GPU where it sets none. On a cluster this is the demand for CPU nodes."""
-    from proxykd.config import StageResources
-
-    return (cfg._ray_resources or StageResources()).ray_args(cpus=0.5)
+def actor_ray_args(resources: Optional[StageResources] = None) -> dict:
+    """What each teacher actor asks Ray for: `resources.teacher`, 0.5 CPU and no GPU where it sets
+    none. On a cluster this is the demand for CPU nodes."""
+    return (resources or StageResources()).ray_args(cpus=0.5)
 
 
 class MissingAPIKey(RuntimeError):
@@ -760,7 +758,9 @@ def begin(cfg: TeacherConfig, prompts_content_hash: str, run_dir: str) -> tuple[
     return folder, h, api_key, None
 
 
-def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_dir: str) -> dict:
+def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_dir: str,
+        resources: Optional[StageResources] = None) -> dict:
+    """The teacher stage; `resources`: each teacher actor's Ray request (`resources.teacher`)."""
     if cfg.mode == "batch":  # the provider's Batch API: a loop on the driver, no Ray
         from proxykd import teacher_batch
 
@@ -805,7 +805,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
                     batch_format="pyarrow",
                     batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                    **actor_ray_args(cfg),
+                    **actor_ray_args(resources),
                 )
                 last_log = time.time()
                 for batch in summaries.iter_batches(batch_size=None, batch_format="pyarrow"):

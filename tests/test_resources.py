@@ -6,6 +6,7 @@ import copy
 import inspect
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,7 +27,7 @@ def _cfg(tmp_path, **resources) -> RunConfig:
 def _requests(cfg: RunConfig) -> dict:
     m = map_kwargs(cfg.resources, batch_size=16)
     m = {k: v for k, v in m.items() if k not in ("compute", "batch_format", "batch_size")}
-    return {"teacher": teacher.actor_ray_args(cfg.teacher), "vllm": m, "train": scaling_kwargs(cfg.resources),
+    return {"teacher": teacher.actor_ray_args(cfg.resources.teacher), "vllm": m, "train": scaling_kwargs(cfg.resources),
             "engine": engine_kwargs("m", 128, 0, cfg.resources)}
 
 
@@ -80,7 +81,7 @@ def test_the_requests_are_keywords_the_installed_ray_takes():
     assert set(full) <= set(params), set(full) - set(params)
 
 
-def test_resource_keys_are_operational_and_move_no_fingerprint(tmp_path):
+def test_resource_keys_are_operational_and_move_no_fingerprint(tmp_path, monkeypatch):
     from proxykd import align, distill, evaluate, logits
 
     def hashes(cfg):
@@ -103,9 +104,16 @@ def test_resource_keys_are_operational_and_move_no_fingerprint(tmp_path):
         assert is_operational(field), f"resources.{name}"
     for name, field in StageResources.model_fields.items():
         assert is_operational(field), f"StageResources.{name}"
-    # the teacher's request rides with its section, out of its dump (and so of its fingerprint)
+    # the pipeline's teacher step hands the stage `resources.teacher`, and the teacher's dump (and so
+    # its fingerprint) holds nothing of it
+    from proxykd import pipeline
+
     cfg = RunConfig.model_validate(apply_overrides(copy.deepcopy(base_tree), ["resources.teacher.num_cpus=3"]))
-    assert cfg.teacher._ray_resources.num_cpus == 3 and "_ray_resources" not in json.dumps(cfg.teacher.model_dump())
+    seen = {}
+    monkeypatch.setattr(teacher, "run", lambda *args: seen.setdefault("resources", args[-1]))
+    pipeline.STAGE_STEPS["teacher"][1](SimpleNamespace(cfg=cfg, prompts=None, content_hash="p"))
+    assert teacher.actor_ray_args(seen["resources"])["num_cpus"] == 3
+    assert "num_cpus" not in json.dumps(cfg.teacher.model_dump())
 
 
 def test_shipped_configs_still_validate_and_bad_values_are_named(tmp_path):
