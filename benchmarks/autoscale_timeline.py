@@ -34,7 +34,6 @@ group, stopped by signal.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -63,7 +62,7 @@ def run_serve(model: str, args, key: str) -> dict:
     started = time.monotonic() - t0
     client = openai.OpenAI(base_url=url, api_key=key, timeout=args.timeout_s, max_retries=0)
     deadline = time.monotonic() + args.timeout_s
-    lock, results, errors = threading.Lock(), [], []
+    lock, errors = threading.Lock(), []
 
     def one(prompt, stream, results):
         if time.monotonic() > deadline:

@@ -86,8 +86,6 @@ def _measure(cfg: RunConfig, model: str, rows: pa.Table, path: Path) -> tuple[pa
     """Score `rows` (teacher answers) under `model`: ll_sum and top-1 hits per row; kept in `path`
     with the rows vLLM refused (and why), which come back apart as [{id, error}]: left out of the
     measure rather than counted as misses."""
-    import ray
-
     if not path.exists():
         ds = artifacts.to_dataset(rows.select(["id", "input_ids", "response_start"]), 64).map_batches(
             Scorer,
@@ -96,7 +94,7 @@ def _measure(cfg: RunConfig, model: str, rows: pa.Table, path: Path) -> tuple[pa
                 "top_k": 1, "kv_cache_gb": cfg.resources.vllm_kv_cache_gb},
             **map_kwargs(cfg.resources, batch_size=64),
         )
-        scored = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        scored = artifacts.collect(ds, "held-out measure", rows.num_rows)
         top1 = [0 if e else top1_hits(t, x, s) for t, x, s, e in zip(
             scored["topk_ids"].to_pylist(), scored["input_ids"].to_pylist(), scored["response_start"].to_pylist(),
             scored["error"].to_pylist())]
@@ -145,8 +143,6 @@ def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, o
                   k: int) -> tuple[pa.Table, list[dict]]:
     """Round k's pairs, and the rows vLLM refused as [{id, error}] (kept in the round's
     rejected.parquet, written before pairs.parquet marks the round sampled)."""
-    import ray
-
     s = cfg.align.sampling
     ds = artifacts.to_dataset(rows.select(["id", "input_ids", "response_start"]), 64).map_batches(
         RoundSampler,
@@ -159,7 +155,7 @@ def _sample_round(cfg: RunConfig, model: str, rows: pa.Table, max_length: int, o
         },
         **map_kwargs(cfg.resources, batch_size=64),
     )
-    pairs, failed = split_refused(pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("id"))
+    pairs, failed = split_refused(artifacts.collect(ds, f"round {k} sampling", rows.num_rows).sort_by("id"))
     artifacts.write_rejected(out, failed)
     artifacts.write_table_atomic(pairs.select(["id", "rejected"]), out / "samples.parquet")
     artifacts.write_table_atomic(pairs, out / "pairs.parquet")

@@ -220,6 +220,20 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     _replace_durably(tmp, path)
 
 
+def collect(ds, key: str, total: int, unit: str = "rows") -> pa.Table:
+    """A Ray dataset's whole output as one table, taken block by block as its actors finish them,
+    each block counted on the console's progress line (`key`: done of `total` `unit`)."""
+    from proxykd import console
+
+    parts, done = [], 0
+    console.update(key, 0, total, unit)
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        parts.append(block)
+        done += block.num_rows
+        console.update(key, done, total, unit)
+    return pa.concat_tables(parts)
+
+
 def to_dataset(table: pa.Table, rows_per_block: int):
     """A Ray Dataset of `table` in blocks of `rows_per_block`: the actor pool works on several
     blocks at once and each finished block is written as its own shard (one block would make a

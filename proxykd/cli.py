@@ -18,6 +18,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set distill.alpha=100 (repeatable)")
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show every log line on the console (Ray, Ray Data, vLLM engines, training workers) "
+                   "as well as in RUN_DIR/logs/; by default the console shows proxykd's lines, one progress "
+                   "line per stage and the results")
+
+
 JOB_COMMANDS = ("submit", "status", "logs", "stop")
 
 
@@ -95,10 +103,10 @@ def _job_command(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxykd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_config_args(sub.add_parser("run", help="run all stages (finished ones are skipped)"))
+    _add_run_args(sub.add_parser("run", help="run all stages (finished ones are skipped)"))
     for stage in STAGE_COMMANDS:
-        _add_config_args(sub.add_parser(stage, help=f"run the {stage} stage only"))
-    _add_config_args(sub.add_parser("report", help="every arm (untrained, black-box KD, Proxy-KD with an unaligned "
+        _add_run_args(sub.add_parser(stage, help=f"run the {stage} stage only"))
+    _add_run_args(sub.add_parser("report", help="every arm (untrained, black-box KD, Proxy-KD with an unaligned "
                                     "proxy, without sample weights, full) on the same data and budget: "
                                     "RUN_DIR/report/report.md"))
     check = sub.add_parser("check", help="validate a config and print it resolved")
@@ -176,30 +184,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_stages(args, cfg) -> int:
     from proxykd import pipeline
+    from proxykd.console import Console
 
-    pipeline.setup_logging()
-    try:
-        return _stages(args, cfg, pipeline)
-    finally:
-        # Nothing of a local Ray outlives the command: its workers (and their vLLM engines) are
-        # waited for and stopped here; after a kill -9 the watchdog does it (proxykd/reaper.py).
-        pipeline.shutdown_ray()
+    # The console: proxykd's lines, a progress line per stage, the results; everything else in
+    # RUN_DIR/logs/ (and also on the console with --verbose). See proxykd/console.py.
+    with Console(cfg.run_dir, verbose=args.verbose, command=args.command):
+        try:
+            return _stages(args, cfg, pipeline)
+        finally:
+            # Nothing of a local Ray outlives the command: its workers (and their vLLM engines) are
+            # waited for and stopped here; after a kill -9 the watchdog does it (proxykd/reaper.py).
+            pipeline.shutdown_ray()
 
 
 def _stages(args, cfg, pipeline) -> int:
+    from proxykd import console
+
     if args.command == "report":
         from proxykd import report
 
-        manifest = report.run(cfg)
-        print(manifest["table"], f"\nreport: {Path(cfg.run_dir).resolve() / 'report' / 'report.md'}", flush=True)
+        with console.stage("report") as shown:
+            manifest = report.run(cfg)
+            shown.skipped = pipeline.finished_before(manifest, shown.started)
+        console.echo(f"{manifest['table']}\nreport: {Path(cfg.run_dir).resolve() / 'report' / 'report.md'}")
         return 0
     stages = pipeline.STAGES if args.command == "run" else (args.command,)
     try:
         manifests = pipeline.run(cfg, stages)
     except pipeline.StageNotRun as e:
-        print(f"proxykd: {e}", file=sys.stderr)
+        console.echo(f"proxykd: {e}", err=True)
         return 2
-    print(pipeline.summary(cfg, manifests), flush=True)
+    console.echo(pipeline.summary(cfg, manifests))
     return 0
 
 

@@ -155,6 +155,9 @@ class TeacherConfig(_Strict):
     (concurrency, limits, retries, prices, budget) is operational and never invalidates them."""
 
     base_url: Optional[str] = None
+    local_host: Optional[str] = operational(
+        None, description="where the local teacher (base_url null) listens; null: 127.0.0.1 on a local Ray, "
+        "the driver node's cluster address when the run joins a cluster (the caller actors may run on any node)")
     model: str = "local-teacher"
     api_key_env: str = operational("OPENAI_API_KEY")
     endpoint: Literal["chat", "completions"] = Field(

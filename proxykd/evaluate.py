@@ -35,8 +35,6 @@ def config_hash(cfg: RunConfig, distill_hash: str) -> str:
 def evaluate_models(cfg: RunConfig, models: dict[str, str], rows: pa.Table) -> pa.Table:
     """Every model of `models` (key: path, all of one `engine_shape`) on `rows`, through one pool
     of engines that swap the models' weights in turn (vLLM in Ray Data)."""
-    import ray
-
     first = next(iter(models.values()))
     rows = rows.select(["id", "input_ids", "response_start"])
     table = pa.concat_tables([rows.append_column("model", pa.array([key] * rows.num_rows, pa.string()))
@@ -51,7 +49,7 @@ def evaluate_models(cfg: RunConfig, models: dict[str, str], rows: pa.Table) -> p
         },
         **map_kwargs(cfg.resources, batch_size=64),
     )
-    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    return artifacts.collect(ds, "answers", table.num_rows)
 
 
 def report_table(results: pa.Table) -> str:

@@ -268,20 +268,17 @@ def _shards(folder: Path) -> tuple[int, int, int, int]:
 
 def _journals(folder: Path) -> tuple[int, int, int]:
     """Teacher journal lines not yet folded into shards: (answers ok, prompt tokens, completion tokens)."""
+    from proxykd.teacher import journal_rows, row_tokens
+
     ok = pt = ct = 0
     for path in folder.glob("journal-*.jsonl"):
         try:
-            data = path.read_bytes()
-        except OSError:
+            rows = [row for _, row in journal_rows(path) if row is not None]
+        except OSError:  # folded away while we read
             continue
-        for line in data.splitlines():
-            try:
-                row = json.loads(line)
-                pt += int(row.get("prompt_tokens") or 0)
-                ct += int(row.get("completion_tokens") or 0)
-                ok += row.get("error") is None
-            except (ValueError, TypeError, AttributeError):
-                continue
+        for row in rows:
+            p, c = row_tokens(row)
+            pt, ct, ok = pt + p, ct + c, ok + (row.get("error") is None)
     return ok, pt, ct
 
 

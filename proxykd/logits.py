@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from proxykd import artifacts
+from proxykd import artifacts, console
 from proxykd.config import RunConfig, fingerprint
 from proxykd.encode import encode_split
 from proxykd.losses import sigmoid_weights
@@ -166,6 +166,23 @@ def config_hash(cfg: RunConfig, align_hash: str) -> str:
     return fingerprint(align_hash, cfg.logits, cfg.seed)
 
 
+def rows_written(folder: Path):
+    """A function counting the rows of the shards in `folder` so far, for the progress line: read
+    only (a shard still being written is skipped, never quarantined), each shard's footer read once."""
+    seen: dict[str, int] = {}
+
+    def count() -> int:
+        for path in Path(folder).glob("*.parquet"):
+            if path.name not in seen and path.name != artifacts.REJECTED_FILE and not path.name.startswith("."):
+                try:
+                    seen[path.name] = pq.read_metadata(path).num_rows
+                except Exception:  # noqa: BLE001 - not complete yet
+                    pass
+        return sum(seen.values())
+
+    return count
+
+
 def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, proxy_path: str, align_hash: str) -> dict:
     folder = artifacts.stage_dir(cfg.run_dir, "logits")
     h = config_hash(cfg, align_hash)
@@ -198,7 +215,8 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, proxy_path: str, a
             },
             **map_kwargs(cfg.resources, batch_size=cfg.logits.batch_size),
         )
-        ds.write_parquet(str(folder), **PARQUET_OPTIONS)
+        with console.track("logits", len(have) + todo.num_rows, "rows", rows_written(folder)):
+            ds.write_parquet(str(folder), **PARQUET_OPTIONS)
     if not artifacts.shard_files(folder):
         raise RuntimeError("logits: no rows to score (is the student split empty?)")
     mean, std, failed = add_weights(folder)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from proxykd import align, artifacts, distill, evaluate, logits, reaper, teacher
+from proxykd import align, artifacts, console, distill, evaluate, logits, reaper, teacher
 from proxykd.config import RunConfig, fingerprint
 from proxykd.data import build_prompts
 from proxykd.models import check_same_vocab, materialize_model
@@ -28,7 +28,7 @@ _watchdog: reaper.Watchdog | None = None  # of the local Ray this process starte
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=False)
+    logging.basicConfig(level=logging.INFO, format=console.LOG_FORMAT, force=False)
     logging.getLogger("proxykd").setLevel(logging.INFO)
 
 
@@ -41,8 +41,9 @@ def init_ray(cfg: RunConfig) -> None:
     global _watchdog
     if ray.is_initialized():
         return
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(cfg):
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"])
+        _attach_console()
         return
     # A local cluster: keep vLLM and Ray on loopback.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
@@ -75,10 +76,34 @@ def init_ray(cfg: RunConfig) -> None:
             os.environ.pop(reaper.ENV, None)
         else:
             os.environ[reaper.ENV] = previous
+    _attach_console()
     session = ray._private.worker._global_node.get_session_dir_path()
     if _watchdog is not None:
         _watchdog.tell(f"session {session}")
     log.info("ray session: %s (%s=%s)", session, reaper.ENV, token)
+
+
+def _attach_console() -> None:
+    """Under a command's console (proxykd/console.py) the Ray workers' output goes to
+    RUN_DIR/logs/workers.log (and, only with --verbose, to the console as well)."""
+    if (c := console.current()) is not None:
+        c.attach_ray()
+
+
+def joins_cluster(cfg: RunConfig) -> bool:
+    """The run joins a running Ray cluster (`ray.address`, or RAY_ADDRESS as `ray job submit` sets
+    it) rather than starting a local Ray."""
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def local_teacher_host(cfg: RunConfig) -> str:
+    """Where the local teacher listens: `teacher.local_host`; else, when the run joins a cluster,
+    the driver node's address, so caller actors on every node reach it; else loopback."""
+    if cfg.teacher.local_host:
+        return cfg.teacher.local_host
+    if joins_cluster(cfg):
+        return teacher.driver_node_address()
+    return "127.0.0.1"
 
 
 def shutdown_ray() -> None:
@@ -175,7 +200,8 @@ class Upstream:
 # Each stage after prompts: (its fingerprint: its config slice and its inputs' fingerprints; its run).
 STAGE_STEPS = {
     "teacher": (lambda u: teacher.config_hash(u.cfg.teacher, u.content_hash),
-                lambda u: teacher.run(u.cfg.teacher, u.prompts, u.content_hash, u.cfg.run_dir, u.cfg.resources.teacher)),
+                lambda u: teacher.run(u.cfg.teacher, u.prompts, u.content_hash, u.cfg.run_dir, u.cfg.resources.teacher,
+                                      local_teacher_host(u.cfg))),
     "align": (lambda u: align.config_hash(u.cfg, u.answers_hash),
               lambda u: align.run(u.cfg, u.prompts, u.responses, u.answers_hash, u.initial_models[0])),
     "logits": (lambda u: logits.config_hash(u.cfg, u.hashes["align"]),
@@ -211,13 +237,25 @@ def run_upstream(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> Upstream:
         up.hashes[name] = fingerprint_of(up)
         folder = artifacts.stage_dir(cfg.run_dir, name)
         if name in stages:
-            up.manifests[name] = work(up)
+            with console.stage(name) as shown:
+                up.manifests[name] = work(up)
+                shown.skipped = finished_before(up.manifests[name], shown.started)
         elif artifacts.is_done(folder, up.hashes[name]):
             up.manifests[name] = artifacts.read_manifest(folder)
         else:
             raise StageNotRun(f"stage '{name}' has not run for this config: run `proxykd {name} CONFIG` "
                               "or `proxykd run CONFIG` first")
     return up
+
+
+def finished_before(manifest: dict, t: float) -> bool:
+    """The manifest was written before `t` (the stage was done already and skipped)."""
+    import calendar
+
+    try:
+        return calendar.timegm(time.strptime(manifest["finished_at"], "%Y-%m-%dT%H:%M:%SZ")) < int(t)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def summary(cfg: RunConfig, manifests: dict) -> str:
@@ -230,6 +268,8 @@ def summary(cfg: RunConfig, manifests: dict) -> str:
     if "distill" in manifests:
         for name, path in manifests["distill"]["models"].items():
             lines.append(f"  student ({name}): {path}")
+    if (run_dir / console.LOG_DIR).is_dir():
+        lines.append(f"  logs     {run_dir / console.LOG_DIR}")
     if "eval" in manifests:
         lines += ["", manifests["eval"]["table"], "", f"report: {run_dir / 'eval' / 'report.md'}"]
     return "\n".join(lines)

@@ -14,7 +14,6 @@ with O_EXCL. Clocks of hosts sharing a run folder must agree to well within the 
 from __future__ import annotations
 
 import contextlib
-import errno
 import getpass
 import json
 import logging

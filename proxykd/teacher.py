@@ -35,7 +35,7 @@ import uuid
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -524,6 +524,31 @@ def _actor_id() -> Optional[str]:
     return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
 
 
+def journal_rows(path: Path) -> Iterator[tuple[int, Optional[dict]]]:
+    """(line number, row) for each non-blank line of a journal; the row is None where the line
+    cannot be read (cut short by a crash, damaged): not JSON, or not an object with a string
+    `request_key`. The one reading of journal lines for the stage, its restarted actors and
+    `proxykd status`."""
+    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # (JSON and UTF-8 errors are ValueErrors)
+            row = None
+        yield lineno, row if isinstance(row, dict) and isinstance(row.get("request_key"), str) else None
+
+
+def row_tokens(row: dict) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) a journal row carries; 0 for a missing or unreadable count."""
+    def count(key):
+        try:
+            return int(row.get(key) or 0)
+        except (TypeError, ValueError):
+            return 0
+    return count("prompt_tokens"), count("completion_tokens")
+
+
 def _journaled(folder: Path, actor: str) -> dict[str, dict]:
     """What the journals of actor `actor`'s earlier lives hold, by request_key: `answer` ("ok",
     "final" or None: failed, or only billed attempts) and what it cost, `requests` being the billed
@@ -531,19 +556,16 @@ def _journaled(folder: Path, actor: str) -> dict[str, dict]:
     Read once, by a restarted actor; a line cut short by the kill is skipped (asked again)."""
     known: dict[str, dict] = {}
     for path in sorted(folder.glob(f"journal-{actor}-*.jsonl")):
-        for line in path.read_bytes().splitlines():
-            try:
-                row = json.loads(line)
-                key, error = row["request_key"], row.get("error")
-                pt, ct = int(row.get("prompt_tokens") or 0), int(row.get("completion_tokens") or 0)
-            except (ValueError, TypeError, KeyError, AttributeError):
+        for _, row in journal_rows(path):
+            if row is None:
                 continue
-            if not isinstance(key, str):
-                continue
-            k = known.setdefault(key, {"answer": None, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+            pt, ct = row_tokens(row)
+            k = known.setdefault(row["request_key"], {"answer": None, "requests": 0, "prompt_tokens": 0,
+                                                      "completion_tokens": 0})
             k["requests"] += pt > 0
             k["prompt_tokens"] += pt
             k["completion_tokens"] += ct
+            error = row.get("error")
             if error is None:
                 k["answer"] = "ok"
             elif isinstance(error, str) and error.startswith(FINAL) and k["answer"] is None:
@@ -560,14 +582,8 @@ def compact_journals(folder: Path) -> int:
     journals = sorted(Path(folder).glob(JOURNAL_GLOB))
     rows, damaged = [], {}
     for path in journals:
-        for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not (isinstance(row, dict) and isinstance(row.get("request_key"), str)):
-                    raise ValueError("not a journal row")
-            except ValueError:  # (JSON and UTF-8 errors are ValueErrors)
+        for lineno, row in journal_rows(path):
+            if row is None:
                 damaged[path] = damaged.get(path, 0) + 1
                 log.warning("teacher: %s:%d cannot be read (cut short by a crash?); that request is asked again",
                             path.name, lineno)
@@ -682,8 +698,19 @@ def config_hash(cfg: TeacherConfig, prompts_content_hash: str) -> str:
     return fingerprint(prompts_content_hash, cfg)
 
 
-def _local_teacher(prompts: pa.Table):
-    """The stand-in teacher: answers each prompt from its reference, on both endpoints."""
+def driver_node_address() -> str:
+    """The address Ray knows this process's node by, where Ray's own traffic from the other nodes
+    arrives (Ray turns a loopback `--node-ip-address` into the machine's address)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+
+
+def _local_teacher(prompts: pa.Table, host: str = "127.0.0.1"):
+    """The stand-in teacher: answers each prompt from its reference, on both endpoints. It runs in
+    the driver; on a cluster `host` is the driver node's address, where caller actors on other
+    nodes reach it."""
     from proxykd.local_teacher import LocalTeacher, lookup_key
 
     table = {}
@@ -692,7 +719,7 @@ def _local_teacher(prompts: pa.Table):
             answer = teacher_style_response(row["reference"])
             table[lookup_key(row["messages"])] = answer
             table[completion_prompt(row["messages"])] = answer
-    return LocalTeacher(table)
+    return LocalTeacher(table, host=host)
 
 
 def actor_ray_args(resources: Optional[StageResources] = None) -> dict:
@@ -727,13 +754,19 @@ def _todo(cfg: TeacherConfig, prompts: pa.Table, keys: list[str],
     return table, rejected, n_samples
 
 
-def _progress(cfg: TeacherConfig, totals: dict, done: int, total: int, started: float) -> str:
+def log_progress(cfg: TeacherConfig, totals: dict, done: int, total: int, started: float, final: bool = False) -> None:
+    """The stage's progress line. Along the way it carries a `progress` record, which the console
+    (proxykd/console.py) turns into its redrawn progress line; the final one is the stage's summary
+    and stays on the console as a plain line."""
     rate = totals["requests"] / max(time.time() - started, 1e-9)
-    return (f"teacher: {done}/{total} prompts | {totals['ok']} ok, {totals['failed']} failed, "
+    spent = cost(cfg, totals["prompt_tokens"], totals["completion_tokens"])
+    text = (f"teacher: {done}/{total} prompts | {totals['ok']} ok, {totals['failed']} failed, "
             f"{totals['rejected']} with rejected answers | "
             f"{totals['requests']} requests ({rate:.1f}/s), {totals['retries']} retries "
             f"({totals['rate_limited']} rate-limited) | tokens {totals['prompt_tokens']:,} in + "
-            f"{totals['completion_tokens']:,} out | est. ${cost(cfg, totals['prompt_tokens'], totals['completion_tokens']):.4f}")
+            f"{totals['completion_tokens']:,} out | est. ${spent:.4f}")
+    progress = {"key": "teacher", "done": done, "total": total, "unit": "prompts", "cost": spent, "from_start": True}
+    log.info(text, extra=None if final else {"progress": progress})
 
 
 def begin(cfg: TeacherConfig, prompts_content_hash: str, run_dir: str) -> tuple[Path, str, Optional[str], Optional[dict]]:
@@ -759,8 +792,10 @@ def begin(cfg: TeacherConfig, prompts_content_hash: str, run_dir: str) -> tuple[
 
 
 def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_dir: str,
-        resources: Optional[StageResources] = None) -> dict:
-    """The teacher stage; `resources`: each teacher actor's Ray request (`resources.teacher`)."""
+        resources: Optional[StageResources] = None, local_host: str = "127.0.0.1") -> dict:
+    """The teacher stage; `resources`: each teacher actor's Ray request (`resources.teacher`);
+    `local_host`: where the local teacher listens when `base_url` is null (`pipeline.local_teacher_host`).
+    The batch mode's client runs in the driver: its local teacher stays on 127.0.0.1."""
     if cfg.mode == "batch":  # the provider's Batch API: a loop on the driver, no Ray
         from proxykd import teacher_batch
 
@@ -787,10 +822,12 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         governor = ray.remote(num_cpus=0)(Governor).remote(cfg.model_dump(), *_spent(cfg, stored, folder))
     totals = {"ok": 0, "failed": 0, "rejected": 0, "budget": 0, **dict.fromkeys(COUNTERS, 0)}
     stopped = None
-    server = _local_teacher(prompts) if cfg.base_url is None else nullcontext()
+    server = _local_teacher(prompts, local_host) if cfg.base_url is None else nullcontext()
     try:
         with server:
             base_url = cfg.base_url or server.base_url
+            if cfg.base_url is None:
+                log.info("teacher: the local teacher listens at %s", base_url)
             if todo.num_rows:
                 # Large batches keep `concurrency` calls in flight with few gaps between batches
                 # (the journal, not the batch, is what survives a crash); enough of them that
@@ -815,7 +852,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
                         totals[name] += int(pc.sum(batch[name]).as_py() or 0)
                     if time.time() - last_log >= cfg.progress_every_s:
                         last_log = time.time()
-                        log.info(_progress(cfg, totals, _prompts_done(totals), todo.num_rows, started))
+                        log_progress(cfg, totals, _prompts_done(totals), todo.num_rows, started)
         if governor is not None:
             stopped = ray.get(governor.status.remote())["stopped"]
     finally:
@@ -823,7 +860,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
         if governor is not None:
             ray.kill(governor)
     compact_journals(folder)
-    log.info(_progress(cfg, totals, _prompts_done(totals), todo.num_rows, started))
+    log_progress(cfg, totals, _prompts_done(totals), todo.num_rows, started, final=True)
     if stopped:
         log.warning("teacher: stopped early, %s; %d prompts not asked (they are asked on the next run)",
                     stopped, totals["budget"])

@@ -505,14 +505,23 @@ class BatchRun:
 
     # -- status -----------------------------------------------------------------------------
 
-    def line(self, next_poll_s: float) -> str:
-        """The status line: the running batches by state, their progress, what waits, the spend."""
+    def _running(self) -> tuple[list[dict], int, int]:
+        """(the running batches, their requests done, their requests)."""
         open_names = set(self.ledger.open_names())
         running = [b for n, b in self.status.items() if n in open_names]
-        states = ", ".join(f"{v} {k}" for k, v in sorted(Counter(b.get("status") for b in running).items()))
         counts = [b.get("request_counts") or {} for b in running]
         done = sum((c.get("completed") or 0) + (c.get("failed") or 0) for c in counts)
-        total = sum(c.get("total") or 0 for c in counts)
+        return running, done, sum(c.get("total") or 0 for c in counts)
+
+    def progress(self) -> dict:
+        """The console's progress line (proxykd/console.py): the running batches' requests, the spend."""
+        _, done, total = self._running()
+        return {"key": "teacher", "done": done, "total": total, "unit": "requests", "cost": self.spent_cost}
+
+    def line(self, next_poll_s: float) -> str:
+        """The status line: the running batches by state, their progress, what waits, the spend."""
+        running, done, total = self._running()
+        states = ", ".join(f"{v} {k}" for k, v in sorted(Counter(b.get("status") for b in running).items()))
         ended = sum(v for k, v in self.totals.items() if k.startswith("batches_"))
         return (f"teacher (batch): batches running: {states or 'none'} | their requests {done:,}/{total:,} done | "
                 f"{len(self.pool)} requests waiting | {len(self.submitted)} batches made this run, {ended} ended | "
@@ -529,7 +538,7 @@ class BatchRun:
                 break
             if time.time() - last_line >= self.cfg.progress_every_s:
                 last_line = time.time()
-                log.info(self.line(delay))
+                log.info(self.line(delay), extra={"progress": self.progress()})
             time.sleep(delay)
             # Back off while nothing moves (a batch takes minutes to hours); poll soon after a change.
             delay = self.cfg.batch_poll_s if self.poll() else min(delay * 1.5, self.cfg.batch_max_poll_s)

@@ -1,5 +1,6 @@
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,17 @@ def unexpected_tracebacks(output: str) -> list[str]:
                 continue
             found.append("\n".join(lines[max(0, i - 2):i + 12]))
     return found
+
+
+def run_logs(run_dir) -> tuple[str, str]:
+    """(driver.log, workers.log) of the last command that ran on `run_dir` (proxykd/console.py):
+    what the driver and the Ray workers wrote that no longer reaches the console (the workers'
+    lines, tracebacks among them, and Ray's, Ray Data's and the libraries' own)."""
+    from proxykd.console import DRIVER_LOG, LOG_DIR, WORKERS_LOG, last_run
+
+    folder = Path(run_dir) / LOG_DIR
+    return tuple(last_run((folder / name).read_text()) if (folder / name).exists() else ""
+                 for name in (DRIVER_LOG, WORKERS_LOG))
 
 
 def kill_ray_session(session_dir: str, token: str | None = None) -> None:
@@ -276,7 +288,13 @@ def submit_and_wait(address: str, config, timeout_s: float = 900) -> str:
     test with the output's tail unless the job succeeded."""
     from proxykd import jobs
 
-    job_id = jobs.submit(config, address)
+    return wait_for_job(address, jobs.submit(config, address), timeout_s)
+
+
+def wait_for_job(address: str, job_id: str, timeout_s: float = 900) -> str:
+    """The output of job `job_id` once it ended; fails the test with its tail unless it succeeded."""
+    from proxykd import jobs
+
     info = jobs.wait(job_id, address, timeout_s=timeout_s, poll_s=1.0)
     out = jobs.job_logs(job_id, address)
     assert str(getattr(info.status, "value", info.status)) == "SUCCEEDED", out[-5000:]
@@ -284,11 +302,10 @@ def submit_and_wait(address: str, config, timeout_s: float = 900) -> str:
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(ray_head, tmp_path_factory):
-    """The whole pipeline on tiny models, submitted once as a Ray job to the session's head, from a
-    prompt file with BAD_ROWS among two reasoning-gym tasks, with a dev split and one DPO round.
-    Shared: tests/test_pipeline.py checks its artifacts, tests/test_report_run.py runs `proxykd
-    report` on from its stages (the same config; only the report's own parts are new)."""
+def pipeline_job(ray_head, tmp_path_factory):
+    """The whole pipeline on tiny models, submitted (not waited for) as a Ray job to the session's
+    head, from a prompt file with BAD_ROWS among two reasoning-gym tasks, with a dev split and one
+    DPO round. `pipeline_run` waits for it."""
     import yaml
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -302,6 +319,8 @@ def pipeline_run(ray_head, tmp_path_factory):
         # syllogisms run to about 250 byte-level tokens
         align={"rows_per_round": 8, "max_length": 256, "heldout_fraction": 0.25},
         logits={"max_length": 256},
+        # a job joins a cluster: its local teacher would listen on the node's address, not loopback
+        teacher={"local_host": "127.0.0.1"},
         # one seed: each further seed adds two trainings and two vLLM engines (the real report runs two)
         report={"seeds": [0], "lrs": [1e-3, 3e-3], "alphas": [1.0], "bootstrap_samples": 300},
     )
@@ -309,5 +328,28 @@ def pipeline_run(ray_head, tmp_path_factory):
     tree["data"] = {**tree["data"], "source": "file", "path": str(root / "prompts.jsonl")}
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
-    out = submit_and_wait(ray_head, config)
-    return {"cluster": ray_head, "config": config, "tree": tree, "run_dir": root / "run", "output": out, "bad": bad}
+    from proxykd import jobs
+
+    return {"cluster": ray_head, "config": config, "tree": tree, "run_dir": root / "run", "bad": bad,
+            "job_id": jobs.submit(config, ray_head)}
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(pipeline_job):
+    """The session's pipeline job (`pipeline_job`), ended: its output and logs added. Shared:
+    tests/test_pipeline.py checks its artifacts, tests/test_report_run.py runs `proxykd report` on
+    from its stages (the same config; only the report's own parts are new)."""
+    out = wait_for_job(pipeline_job["cluster"], pipeline_job["job_id"], timeout_s=1800)
+    return {**pipeline_job, "output": out, "logs": run_logs(pipeline_job["run_dir"])}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pipeline_job_starts_early(request):
+    """When a test of the session's pipeline job is selected, the job is submitted before the first
+    test and runs on the Ray head while the tests before its own run (about 3 minutes of a
+    setup that is largely waiting: process starts, Ray's polls). The serve servers are not started
+    early: idle until their module, their 4 engines held about 8 GB the whole session (README,
+    "Test suite")."""
+    if {"test_pipeline.py", "test_report_run.py"} & {item.path.name for item in request.session.items}:
+        request.getfixturevalue("pipeline_job")
+

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BAD_ROWS, submit_and_wait
+from conftest import BAD_ROWS, submit_and_wait, unexpected_tracebacks
 from proxykd.artifacts import shard_files
 
 STAGES = ["prompts", "teacher", "align", "logits", "distill", "eval"]
@@ -31,6 +31,22 @@ def test_job_runs_every_stage_and_prints_the_eval_table(run):
         assert m["stage"] == stage and len(m["config_hash"]) == 16 and m["versions"]["ray"] == "2.60.0"
     assert "| baseline |" in run["output"] and "| proxykd |" in run["output"]
     assert "proxykd run finished" in run["output"]
+
+
+def test_the_jobs_console_is_short_and_the_engines_logs_are_in_the_run_folder(run):
+    """`proxykd logs JOB` shows proxykd's lines, a progress line per stage now and then and the
+    table (about 1,000 lines before, from every worker); the rest is in RUN_DIR/logs/."""
+    lines = run["output"].splitlines()
+    assert len(lines) < 80, run["output"]
+    assert not [line for line in lines if "pid=" in line or "Traceback" in line], run["output"]
+    for stage in STAGES[1:]:
+        assert f"{stage}: done in " in run["output"]
+    driver, workers = run["logs"]
+    assert "INFO proxykd: eval: done in " in driver and "Starting execution of Dataset" in driver  # Ray Data's
+    assert "Initializing a V1 LLM engine" in workers  # vLLM engines, in their Ray actors
+    assert "[distill-proxykd] epoch 0 step 1/" in workers and "[align-warmup] epoch 0 step 1/" in workers
+    tracebacks = unexpected_tracebacks(driver) + unexpected_tracebacks(workers)
+    assert not tracebacks, "\n\n".join(tracebacks)
 
 
 def test_prompts_and_teacher_artifacts(run):
@@ -136,5 +152,5 @@ def test_rerun_skips_every_finished_stage(run):
     before = {s: manifest(run, s)["finished_at"] for s in STAGES}
     out = submit_and_wait(run["cluster"], run["config"])
     for stage in STAGES[1:]:
-        assert f"{stage}: done already" in out
+        assert f"{stage}: done already" in out and f"{stage}: done in" not in out
     assert {s: manifest(run, s)["finished_at"] for s in STAGES} == before

@@ -110,9 +110,11 @@ def test_resource_keys_are_operational_and_move_no_fingerprint(tmp_path, monkeyp
 
     cfg = RunConfig.model_validate(apply_overrides(copy.deepcopy(base_tree), ["resources.teacher.num_cpus=3"]))
     seen = {}
-    monkeypatch.setattr(teacher, "run", lambda *args: seen.setdefault("resources", args[-1]))
+    monkeypatch.setattr(teacher, "run", lambda *args: seen.setdefault("args", args))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     pipeline.STAGE_STEPS["teacher"][1](SimpleNamespace(cfg=cfg, prompts=None, content_hash="p"))
-    assert teacher.actor_ray_args(seen["resources"])["num_cpus"] == 3
+    assert teacher.actor_ray_args(seen["args"][4])["num_cpus"] == 3
+    assert seen["args"][5] == "127.0.0.1"  # where the local teacher listens (pipeline.local_teacher_host)
     assert "num_cpus" not in json.dumps(cfg.teacher.model_dump())
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import (kill_ray_session, ray_session_of, session_processes, student_split, tiny_config,
+from conftest import (kill_ray_session, ray_session_of, run_logs, session_processes, student_split, tiny_config,
                       unexpected_tracebacks)
 
 from proxykd import artifacts
@@ -56,11 +56,12 @@ def _kill_driver(proc, log) -> None:
         kill_ray_session(session, mark)  # only if the check failed: this run's processes, no others
 
 
-def _assert_clean_end(out: str) -> None:
-    """A normal run ends with no process of its Ray session left and no traceback on its console."""
+def _assert_clean_end(out: str, run_dir) -> None:
+    """A normal run ends with no process of its Ray session left and no traceback on its console
+    or in what its driver and Ray workers wrote to RUN_DIR/logs/."""
     session, mark = ray_session_of(out)
     assert not session_processes(session, mark), "processes of the finished run's Ray session still running"
-    tracebacks = unexpected_tracebacks(out)
+    tracebacks = [t for text in (out, *run_logs(run_dir)) for t in unexpected_tracebacks(text)]
     assert not tracebacks, "\n\n".join(tracebacks)
 
 
@@ -100,8 +101,9 @@ def test_align_killed_mid_warmup_resumes_from_checkpoint(tmp_path, local_ray):
     again = _proxykd("align", str(config))
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-5000:]
-    _assert_clean_end(out)
-    assert "[align-warmup] resumed from step" in out
+    _assert_clean_end(out, tmp_path / "run")
+    # (a Ray Train worker's line: in the run's workers.log, no longer on the console)
+    assert "[align-warmup] resumed from step" in run_logs(tmp_path / "run")[1]
     manifest = json.loads((tmp_path / "run" / "align" / "manifest.json").read_text())
     assert manifest["model"].endswith("warmup/model")
     metrics = [json.loads(l) for l in (tmp_path / "run" / "align" / "warmup" / "metrics.jsonl").read_text().splitlines()]
@@ -170,7 +172,7 @@ def test_logits_killed_mid_stage_scores_only_the_missing_rows(tmp_path):
     again = subprocess.run(args, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stdout[-5000:]
-    _assert_clean_end(again.stdout)
+    _assert_clean_end(again.stdout, tmp_path / "run")
     session, _ = ray_session_of(again.stdout)
     # nor in the workers' logs (vLLM's resource tracker wrote its KeyError tracebacks there)
     for err in (Path(session) / "logs").glob("worker-*.err"):

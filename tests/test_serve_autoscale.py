@@ -19,7 +19,6 @@ pytestmark = pytest.mark.slow
 
 def _replicas(deployment: str) -> int:
     from ray import serve
-    from ray.serve._private.common import ReplicaState  # noqa: F401 - the states the status counts
 
     app = serve.status().applications["proxykd"]
     counts = app.deployments[deployment].replica_states

@@ -401,6 +401,42 @@ def test_n_samples_on_the_completions_endpoint(tmp_path, local_ray):
     assert {pid, f"{pid}#1", f"{pid}#2"} <= set(rows["id"].to_pylist()) and not rejected
 
 
+def test_the_local_teacher_listens_where_every_node_reaches_it(tmp_path, monkeypatch, local_ray):
+    """With `base_url: null` the caller actors may run on any node. On a local Ray the local teacher
+    listens on 127.0.0.1; a run that joins a cluster (RAY_ADDRESS, as in a job, or `ray.address`)
+    puts it on the address Ray knows the driver's node by (Ray turns a loopback node address into
+    the machine's, 192.0.2.2 here), unless `teacher.local_host` says where. A Ray task reaches the
+    teacher at the address it is given. One machine cannot show a second node, and tests listen on
+    127.0.0.1 only: the cluster address is checked, not listened on."""
+    import urllib.parse
+    import urllib.request
+
+    import ray
+
+    from proxykd import pipeline
+
+    cfg = parse_config(tiny_config(tmp_path / "run"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert pipeline.local_teacher_host(cfg) == "127.0.0.1"
+    node = ray.get_runtime_context().get_node_id()
+    address = [n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node][0]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert pipeline.local_teacher_host(cfg) == teacher.driver_node_address() == address
+    assert pipeline.local_teacher_host(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": "auto"})}))\
+        == address
+    pinned = parse_config(tiny_config(tmp_path / "run", teacher={"local_host": "127.0.0.1"}))
+    assert pipeline.local_teacher_host(pinned) == "127.0.0.1"
+
+    @ray.remote(num_cpus=0)
+    def models(url):
+        return json.loads(urllib.request.urlopen(f"{url}/models", timeout=10).read())["data"][0]["id"]
+
+    prompts, _ = build_prompts(cfg.data)
+    with teacher._local_teacher(prompts, "127.0.0.1") as server:
+        assert urllib.parse.urlparse(server.base_url).hostname == "127.0.0.1"
+        assert ray.get(models.remote(server.base_url)) == "local-teacher"
+
+
 def test_bad_prompts_are_rejected_before_any_call(tmp_path, monkeypatch, local_ray):
     port = free_port()
     cfg, prompts, table = _setup(tmp_path, monkeypatch, port)

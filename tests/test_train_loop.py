@@ -355,10 +355,15 @@ def table():
 LOSS = {"alpha": 2.0, "sample_weighting": True, "divergence": "forward", "tail": "tail_bucket"}
 
 
-def run_kd(out_dir, student, table, workers, **train):
+def kd_run(out_dir, student, table, workers, **train) -> dict:
+    """The keywords of one `training.fit` of the KD objective (3 epochs, cosine lr with warm-up)."""
     tc = TrainConfig(**{"epochs": 3, "lr": 3e-3, "lr_schedule": "cosine", "warmup_steps": 2, **train})
-    training.fit(name="kd", objective="kd", model_path=student, table=table, out_dir=out_dir, train=tc,
-                 resources=ResourcesConfig(train_workers=workers), loss=LOSS)
+    return dict(name="kd", objective="kd", model_path=student, table=table, out_dir=out_dir, train=tc,
+                resources=ResourcesConfig(train_workers=workers), loss=LOSS)
+
+
+def run_kd(out_dir, student, table, workers, **train):
+    training.fit(**kd_run(out_dir, student, table, workers, **train))
     return training.read_metrics(out_dir)
 
 
@@ -369,11 +374,43 @@ def expected_batches(table, tc_seed, epochs, G, parts):
         training.epoch_order(len(ids), tc_seed, e, True), s, G)]) for e in range(epochs) for s in range(per_epoch)]
 
 
+DPO_LOSS = {"beta": 0.5, "nll_weight": 0.7}
+
+
 @pytest.fixture(scope="module")
-def one_worker(tmp_path_factory, local_ray, student, table):
+def trained(tmp_path_factory, local_ray, student, table):
+    """The default suite's Ray Train runs, all at once (`training.fit_concurrently`, as the report's
+    arms and distill's two students run): a fit of a tiny model spends about 20 of its 24 s starting
+    and stopping Ray Train, and concurrent fits overlap that. Each is seeded: running them together
+    changes none of their figures. {name: (out_dir, metrics rows)}."""
+    root = tmp_path_factory.mktemp("trained")
+    shards = write_shards(table, root / "shards", np.random.default_rng(7), files=3, row_group_size=3)
+    pairs = dpo_table(np.random.default_rng(2), 16, vocab=200)
+
+    def dpo_run(out, workers, **train):
+        return dict(name="dpo", objective="dpo", model_path=student, table=pairs, out_dir=out,
+                    train=TrainConfig(**{"epochs": 2, "lr": 3e-3, **train}),
+                    resources=ResourcesConfig(train_workers=workers), loss=DPO_LOSS)
+
+    runs = {
+        # the reference: 1 worker, global batch 8 in one micro-batch
+        "one": kd_run(root / "one", student, table, workers=1, batch_size=8),
+        "two": kd_run(root / "two", student, table, workers=2, batch_size=2, grad_accum_steps=2),
+        # the same rows as 3 shuffled Parquet shards of small row groups, read in place by the worker
+        "streamed": kd_run(root / "streamed", student, training.ParquetRows(shards), workers=1, batch_size=8),
+        "lora": kd_run(root / "lora", student, table, workers=1, batch_size=8, epochs=1, lr=1e-2,
+                       lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])),
+        "dpo-one": dpo_run(root / "dpo-one", 1, batch_size=8),
+        "dpo-two": dpo_run(root / "dpo-two", 2, batch_size=2, grad_accum_steps=2),
+    }
+    training.fit_concurrently(list(runs.values()), ResourcesConfig(train_workers=1))
+    return {name: (run["out_dir"], training.read_metrics(run["out_dir"])) for name, run in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def one_worker(trained):
     """The reference: 1 worker, global batch 8 in one micro-batch."""
-    out = tmp_path_factory.mktemp("one")
-    return out, run_kd(out, student, table, workers=1, batch_size=8)
+    return trained["one"]
 
 
 def assert_same_curve(a, b, keys=("loss", "nll", "kl", "lr"), rtol=1e-4):
@@ -384,32 +421,31 @@ def assert_same_curve(a, b, keys=("loss", "nll", "kl", "lr"), rtol=1e-4):
         np.testing.assert_allclose(x, y, rtol=rtol, err_msg=f"{key}: {x} vs {y}")
 
 
-def test_two_workers_with_accumulation_match_one_worker(tmp_path, one_worker, student, table):
-    _, ref = one_worker
+def test_two_workers_with_accumulation_match_one_worker(trained):
+    _, ref = trained["one"]
     assert [r["step"] for r in ref] == list(range(1, 10))  # 24 rows / 8 = 3 steps × 3 epochs
     assert ref[0]["loss"] > ref[-1]["loss"]
     assert len({r["lr"] for r in ref}) > 3  # warm-up and cosine: the lr moves
-    two = run_kd(tmp_path, student, table, workers=2, batch_size=2, grad_accum_steps=2)
+    out, two = trained["two"]
     assert_same_curve(ref, two)
     assert all(r["kl"] > 0 and r["tokens_per_s"] > 0 for r in two)
-    assert (tmp_path / "model" / "config.json").exists()
+    assert (out / "model" / "config.json").exists()
     # the final checkpoint Ray Train keeps loads under weights_only
-    states = sorted((one_worker[0] / "_ray").rglob(training.STATE_FILE))
+    states = sorted((trained["one"][0] / "_ray").rglob(training.STATE_FILE))
     assert states and training.load_state(states[-1])["history"] == ref
-    png = training.plot_metrics(tmp_path)
+    png = training.plot_metrics(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rows_streamed_from_parquet_give_the_in_memory_curve(tmp_path, one_worker, student, table):
+def test_rows_streamed_from_parquet_give_the_in_memory_curve(trained):
     """The same rows as 3 shuffled Parquet shards of small row groups, read in place by the worker:
     the steps, batches and loss curve of the in-memory run, within 1e-5; the input metrics are there."""
-    _, ref = one_worker
-    files = write_shards(table, tmp_path / "shards", np.random.default_rng(7), files=3, row_group_size=3)
-    got = run_kd(tmp_path / "run", student, training.ParquetRows(files), workers=1, batch_size=8)
+    _, ref = trained["one"]
+    out, got = trained["streamed"]
     assert_same_curve(ref, got, keys=("loss", "nll", "kl", "lr", "grad_norm"), rtol=1e-5)
     assert [r["pad_fraction"] for r in got] == [r["pad_fraction"] for r in ref]
     assert all(r["input_s"] > 0 and r["input_wait_s"] >= 0 and r["rss_mb"] > 0 for r in got)
-    assert (tmp_path / "run" / "model" / "config.json").exists()
+    assert (out / "model" / "config.json").exists()
 
 
 @pytest.mark.slow  # ~2 min on 2 busy cores: two one-epoch runs of 120 steps over ~400 MB
@@ -454,24 +490,15 @@ def dpo_table(rng, n, vocab):
     return pa.Table.from_pylist(rows)
 
 
-def test_dpo_two_workers_with_accumulation_match_one_worker(tmp_path, local_ray, student):
+def test_dpo_two_workers_with_accumulation_match_one_worker(trained):
     """The align rounds' objective, nll_weight · NLL(chosen) + β-DPO: the sequence-level DPO term
     is divided by the global batch's pair count and the NLL by its chosen-token count, so 2 workers
     × 2 micro-batches of 2 pairs give the curve of 1 worker with 8 pairs."""
-    table = dpo_table(np.random.default_rng(2), 16, vocab=200)
-    loss = {"beta": 0.5, "nll_weight": 0.7}
-
-    def run(out, workers, **train):
-        tc = TrainConfig(**{"epochs": 2, "lr": 3e-3, **train})
-        training.fit(name="dpo", objective="dpo", model_path=student, table=table, out_dir=out, train=tc,
-                     resources=ResourcesConfig(train_workers=workers), loss=loss)
-        return training.read_metrics(out)
-
-    one = run(tmp_path / "one", 1, batch_size=8)
-    two = run(tmp_path / "two", 2, batch_size=2, grad_accum_steps=2)
+    (_, one), (_, two) = trained["dpo-one"], trained["dpo-two"]
     assert [r["step"] for r in one] == [1, 2, 3, 4]
     assert_same_curve(one, two, keys=("loss", "nll", "dpo", "margin", "lr"))
-    np.testing.assert_allclose([r["loss"] for r in one], [0.7 * r["nll"] + r["dpo"] for r in one], rtol=1e-5)
+    np.testing.assert_allclose([r["loss"] for r in one], [DPO_LOSS["nll_weight"] * r["nll"] + r["dpo"] for r in one],
+                               rtol=1e-5)
     # every epoch sees all 16 pairs: in the second one the policy prefers the chosen responses more
     assert one[2]["margin"] + one[3]["margin"] > one[0]["margin"] + one[1]["margin"]
 
@@ -496,18 +523,17 @@ def test_worker_killed_mid_run_resumes_without_repeating_or_skipping(tmp_path, m
     assert (tmp_path / "model" / "config.json").exists()
 
 
-def test_lora_trains_only_adapters_and_saves_a_merged_model(tmp_path, local_ray, student, table):
+def test_lora_trains_only_adapters_and_saves_a_merged_model(trained, student):
     from transformers import AutoModelForCausalLM
 
-    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    rows = run_kd(tmp_path, student, table, workers=1, batch_size=8, epochs=1, lr=1e-2, lora=lora)
+    out, rows = trained["lora"]
     assert [r["step"] for r in rows] == [1, 2, 3]
     before = AutoModelForCausalLM.from_pretrained(student).state_dict()
-    after = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     assert set(after) == set(before)  # a plain checkpoint: no lora_A/lora_B, no base_model prefix
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if ".q_proj." in k or ".v_proj." in k}
-    assert not (tmp_path / "model" / "adapter_config.json").exists()
+    assert not (out / "model" / "adapter_config.json").exists()
 
 
 @pytest.mark.slow  # ~45 s plus the 1-worker reference run
