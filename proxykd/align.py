@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from proxykd import artifacts, training
+from proxykd import artifacts, storage, training
 from proxykd.config import RunConfig, fingerprint
 from proxykd.encode import encode_split
 from proxykd.models import load_tokenizer, model_max_length
@@ -132,6 +132,7 @@ def plot_alignment(points: list[dict], path: Path, chosen: str) -> None:
     fig.suptitle("proxy alignment on held-out D_p")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    storage.push(path)
     plt.close(fig)
 
 
@@ -222,7 +223,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
             take = pa.array(round_ids(trainable, k, cfg.align.rows_per_round, cfg.seed) + heldout["id"].to_pylist())
             rows = proxy_rows.filter(pc.is_in(proxy_rows["id"], take))
             log.info("align: round %d, sampling %d proxy answers", k, rows.num_rows)
-            pairs, failed = _sample_round(cfg, str(current), rows, max_length, rdir, k)
+            pairs, failed = _sample_round(cfg, storage.location(current), rows, max_length, rdir, k)
         rejected += _refused(failed, f"round {k}")
         in_heldout = pc.is_in(pairs["id"], heldout["id"])
         if heldout.num_rows:
@@ -230,14 +231,14 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
             log.info("align: %s proxy on held-out D_p: teacher ll %.4f/token, top-1 %.3f",
                      name, points[-1]["teacher_ll"], points[-1]["top1"])
         if not (rdir / "model").exists():
-            training.fit(name=f"align-round-{k}", objective="dpo", model_path=str(current),
+            training.fit(name=f"align-round-{k}", objective="dpo", model_path=storage.location(current),
                          table=pairs.filter(pc.invert(in_heldout)).drop_columns(
                              ["rejected", "chosen_ll", "chosen_top1_hits"]),
                          out_dir=rdir, train=cfg.align.dpo, resources=cfg.resources,
                          loss={"beta": cfg.align.beta, "nll_weight": cfg.align.nll_weight})
         current, name = rdir / "model", f"round-{k}"
     if heldout.num_rows:
-        final, failed = _measure(cfg, str(current), heldout, folder / "final_heldout.parquet")
+        final, failed = _measure(cfg, storage.location(current), heldout, folder / "final_heldout.parquet")
         rejected += _refused(failed, f"{name} held-out measure")
         points.append(alignment(name, final["ll_sum"].to_numpy(), final["top1_hits"].to_numpy(),
                                 final["input_ids"].to_pylist(), final["response_start"].to_pylist()))
@@ -249,7 +250,7 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, teacher_hash: str,
         log.warning("align: no held-out proxy rows (align.heldout_fraction=%s): alignment not measured, "
                     "the last model is handed on", cfg.align.heldout_fraction)
         chosen = {"model": name, "select": "last"}
-    chosen["path"] = str(folder / chosen["model"] / "model")
+    chosen["path"] = storage.location(folder / chosen["model"] / "model")  # (s3://... for a run there)
     log.info("align: handing on the %s proxy (align.select=%s)", chosen["model"], chosen["select"])
 
     return artifacts.write_manifest(

@@ -9,6 +9,10 @@ into place (and its folder after), so a power cut cannot leave a manifest that p
 disk never got; an unreadable Parquet file or manifest is never deleted by a reader but
 quarantined (renamed to `<name>.unreadable-<time>`, kept for a human, listed in the stage's next
 manifest as `quarantined`) and its rows are redone.
+
+A run folder in object storage (`run_dir: s3://...`) is worked on in a local mirror: every file
+written here is uploaded when it is complete, removals and quarantines reach the store too, and
+the manifest, written last, is uploaded last (proxykd/storage.py).
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from proxykd import storage
+
 log = logging.getLogger("proxykd")
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
-    return Path(run_dir).resolve() / stage
+    """The local folder a stage works in: under `run_dir`, or under its mirror for `s3://`/`gs://`."""
+    return storage.local_path(run_dir) / stage
 
 
 def read_manifest(folder: Path) -> Optional[dict]:
@@ -92,6 +99,13 @@ def _replace_durably(tmp: Path, path: Path) -> None:
     fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+    storage.push(path)
+
+
+def remove(path: Path) -> None:
+    """Delete a file here and in the object store (when the run folder is there)."""
+    Path(path).unlink(missing_ok=True)
+    storage.delete(path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -135,13 +149,14 @@ def begin_stage(folder: Path, config_hash: str, keep_stale: bool = False) -> Non
     dropped (resuming is only sound for the same config) unless `keep_stale`: the teacher stage
     keeps every paid response and matches them to requests by `request_key`."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.json").unlink(missing_ok=True)
+    remove(folder / "manifest.json")
     marker = folder / ".config_hash"
     if marker.exists() and marker.read_text() != config_hash and not keep_stale:
         for child in folder.iterdir():
             if QUARANTINE_MARK in child.name:  # kept for a human, whatever the config
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+            storage.delete(child)
         log.info("%s: config changed, previous partial work dropped", folder.name)
     write_text_atomic(marker, config_hash)
 
@@ -160,6 +175,8 @@ def quarantine(path: Path, why: object) -> Path:
         n += 1
     os.replace(path, target)
     fsync_dir(path.parent)
+    storage.push(target)
+    storage.delete(path)
     log.warning("%s is unreadable (%s): kept as %s", path, str(why)[:200], target.name)
     return target
 

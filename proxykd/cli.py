@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from proxykd import storage
 from proxykd.config import ConfigError, load_config
 
 STAGE_COMMANDS = ("teacher", "align", "logits", "distill", "eval")
@@ -72,7 +73,7 @@ def _job_command(args) -> int:
             print(job_id, flush=True)
             return 0
         if args.command == "status" and ("/" in args.target or Path(args.target).exists()):
-            if not Path(args.target).is_dir():
+            if not storage.is_remote(args.target) and not Path(args.target).is_dir():
                 print(f"proxykd: no run folder {args.target}", file=sys.stderr)
                 return 2
             cfg = load_config(args.config) if args.config else None
@@ -82,7 +83,8 @@ def _job_command(args) -> int:
             info = jobs.job_info(args.target, args.address)
             print(jobs.format_job(info))
             run_dir = (info.metadata or {}).get("proxykd_run_dir")
-            if run_dir and Path(run_dir).is_dir():  # the run folder is visible from here (a shared mount)
+            # the run folder is visible from here (a shared mount, or object storage)
+            if run_dir and (storage.is_remote(run_dir) or Path(run_dir).is_dir()):
                 print(jobs.format_run_status(jobs.run_status(run_dir)))
             return 0
         if args.command == "logs":
@@ -206,7 +208,7 @@ def _stages(args, cfg, pipeline) -> int:
         with console.stage("report") as shown:
             manifest = report.run(cfg)
             shown.skipped = pipeline.finished_before(manifest, shown.started)
-        console.echo(f"{manifest['table']}\nreport: {Path(cfg.run_dir).resolve() / 'report' / 'report.md'}")
+        console.echo(f"{manifest['table']}\nreport: {storage.location(storage.local_path(cfg.run_dir) / 'report' / 'report.md')}")
         return 0
     stages = pipeline.STAGES if args.command == "run" else (args.command,)
     try:

@@ -34,8 +34,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, TextIO
+
+from proxykd import storage
 
 log = logging.getLogger("proxykd")
 
@@ -184,7 +185,7 @@ class Console:
     def __init__(self, run_dir: str | os.PathLike, verbose: bool = False, command: str = "run",
                  stream: Optional[TextIO] = None, out: Optional[TextIO] = None, tty: Optional[bool] = None,
                  every_s: Optional[float] = None, tick_s: float = 1.0):
-        self.run_dir = Path(run_dir).resolve()
+        self.run_dir = storage.local_path(run_dir)
         self.log_dir = self.run_dir / LOG_DIR
         self.verbose = verbose
         self.command = command
@@ -217,6 +218,8 @@ class Console:
 
     def start(self) -> None:
         global _current
+        if not self.log_dir.exists():  # a run folder in object storage, new here: its logs so far
+            storage.pull(self.log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         header = (f"{HEADER} proxykd {self.command} | {time.strftime('%Y-%m-%d %H:%M:%S')} | pid {os.getpid()} "
                   f"| {'verbose' if self.verbose else 'quiet'} {HEADER}\n")
@@ -282,6 +285,10 @@ class Console:
         if self._workers is not None:
             self._workers.close()
             self._workers = None
+        try:  # a run folder in object storage: this command's logs beside its artifacts
+            storage.push(self.log_dir)
+        except Exception as e:  # noqa: BLE001 - the run's outcome stands; the logs stay here
+            log.warning("logs not uploaded (%s): they are in %s", e, self.log_dir)
 
     def _redirect_fds(self) -> None:
         """The driver's own stdout and stderr (file descriptors 1 and 2, so also what C++ code,

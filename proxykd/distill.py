@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
-from proxykd import artifacts, training
+from proxykd import artifacts, storage, training
 from proxykd.config import RunConfig, fingerprint
 from proxykd.models import check_same_vocab
 
@@ -55,7 +55,7 @@ def run(cfg: RunConfig, proxy_path: str, student: str, logits_hash: str) -> dict
     for name, (out_dir, _) in runs.items():
         if name in todo:
             training.plot_metrics(out_dir)
-        models[name] = str(out_dir / "model")
+        models[name] = storage.location(out_dir / "model")  # (s3://... for a run folder there)
         metrics = training.read_metrics(out_dir)
         final_loss[name] = metrics[-1] if metrics else None
     return artifacts.write_manifest(

@@ -144,7 +144,8 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, models: dict[str, 
     failed = [{"id": r["id"], "error": f"{r['model']}: {r['score_error']}"} for r in out if r["generation"] is None]
     artifacts.write_table_atomic(results, folder / "results.parquet")
     table = report_table(results)
-    (folder / "report.md").write_text(
+    artifacts.write_text_atomic(
+        folder / "report.md",
         f"# proxykd eval\n\nrun: `{cfg.run_dir}` · eval prompts: {rows.num_rows} · alpha: {cfg.distill.alpha} · "
         f"sample weighting: {cfg.distill.sample_weighting}\n\n{table}\n\n"
         "accuracy: answers scored against the references; teacher ll/token and top-1: how closely the\n"

@@ -29,6 +29,8 @@ from typing import Iterator, Optional
 
 import yaml
 
+from proxykd import storage
+
 # The stages in pipeline order (proxykd.pipeline.STAGES, which imports torch; tests check they agree),
 # then the report's.
 STAGES = ("prompts", "teacher", "align", "logits", "distill", "eval")
@@ -320,8 +322,8 @@ def _artifacts(stage: str, folder: Path, m: Optional[dict]) -> list[str]:
         return [f"{k}: {v}" for k, v in m["models"].items()]
     for name in ("report.md", "results.parquet", "prompts.parquet"):
         if (folder / name).exists():
-            return [str(folder / name)]
-    return [str(folder)]
+            return [storage.location(folder / name)]
+    return [storage.location(folder)]
 
 
 def run_status(run_dir: str | os.PathLike, cfg=None) -> dict:
@@ -330,15 +332,18 @@ def run_status(run_dir: str | os.PathLike, cfg=None) -> dict:
     running (work on disk, no manifest, the run lock held), stopped (the same, the lock free or
     stale: rerun to resume), not started. cost_usd: the teacher's spend on everything stored,
     from its manifest; while it runs, from its shards and journals at `cfg`'s prices (None
-    without a config). Read-only."""
-    run_dir = Path(run_dir).resolve()
+    without a config). Read-only (a run folder in object storage is read through this machine's
+    mirror of it: manifests, shards and journals, not its models or Ray Train's state)."""
+    if storage.is_remote(run_dir):
+        storage.pull(storage.local_path(run_dir), exclude=("_ray", "logs", "model", "models"))
+    run_dir = storage.local_path(run_dir)
     lock = _lock(run_dir)
     stages = []
     names = list(STAGES) + [s for s in EXTRA_STAGES if (run_dir / s).is_dir()]
     for stage in names:
         folder = run_dir / stage
         m = _manifest(folder)
-        entry = {"stage": stage, "folder": str(folder), "state": "not started", "rows": "-", "seconds": None,
+        entry = {"stage": stage, "folder": storage.location(folder), "state": "not started", "rows": "-", "seconds": None,
                  "finished_at": None, "cost_usd": None, "tokens": None, "artifacts": []}
         if m is not None:
             entry.update(state="done", rows=_rows_text(stage, m), seconds=m.get("seconds"),
@@ -362,7 +367,7 @@ def run_status(run_dir: str | os.PathLike, cfg=None) -> dict:
                     entry["cost_usd"] = round(_teacher_cost(cfg.teacher, folder, pt, ct), 6)
             entry.update(rows=text, artifacts=[str(folder)])
         stages.append(entry)
-    return {"run_dir": str(run_dir), "lock": lock, "stages": stages}
+    return {"run_dir": storage.location(run_dir), "lock": lock, "stages": stages}
 
 
 def _teacher_cost(tcfg, folder: Path, pt: int, ct: int) -> float:

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from proxykd import artifacts, console
+from proxykd import artifacts, console, storage
 from proxykd.config import RunConfig, fingerprint
 from proxykd.encode import encode_split
 from proxykd.losses import sigmoid_weights
@@ -131,9 +131,10 @@ def rewrite_with_weights(path: Path, mean: float, std: float) -> list[dict]:
             writer.close()
     if writer is None or pq.read_metadata(tmp).num_rows == 0:  # nothing scored in this shard
         tmp.unlink(missing_ok=True)
-        path.unlink()
+        artifacts.remove(path)
     else:
         os.replace(tmp, path)
+        storage.push(path)
     return failed
 
 
@@ -157,7 +158,7 @@ def vocab_size(path: str, tokenizer) -> int:
     """Largest id + 1 the stored columns can hold: the model's logits width and the tokenizer's."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(storage.fetch(path))
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return max(int(text_cfg.vocab_size), len(tokenizer))
 
@@ -168,14 +169,25 @@ def config_hash(cfg: RunConfig, align_hash: str) -> str:
 
 def rows_written(folder: Path):
     """A function counting the rows of the shards in `folder` so far, for the progress line: read
-    only (a shard still being written is skipped, never quarantined), each shard's footer read once."""
+    only (a shard still being written is skipped, never quarantined), each shard's footer read
+    once. A run folder in object storage is counted in the store, where the writers put them."""
     seen: dict[str, int] = {}
+    uri = storage.remote_uri(folder)
+
+    def shards() -> dict[str, str]:
+        if uri is None:
+            return {p.name: str(p) for p in Path(folder).glob("*.parquet")}
+        from pyarrow import fs as pafs
+
+        fs, key = storage.filesystem(uri)
+        infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
+        return {i.base_name: f"{uri}/{i.base_name}" for i in infos if i.base_name.endswith(".parquet")}
 
     def count() -> int:
-        for path in Path(folder).glob("*.parquet"):
-            if path.name not in seen and path.name != artifacts.REJECTED_FILE and not path.name.startswith("."):
+        for name, where in shards().items():
+            if name not in seen and name != artifacts.REJECTED_FILE and not name.startswith("."):
                 try:
-                    seen[path.name] = pq.read_metadata(path).num_rows
+                    seen[name] = pq.read_metadata(storage.open_input(where)).num_rows
                 except Exception:  # noqa: BLE001 - not complete yet
                     pass
         return sum(seen.values())
@@ -216,7 +228,10 @@ def run(cfg: RunConfig, prompts: pa.Table, teacher: pa.Table, proxy_path: str, a
             **map_kwargs(cfg.resources, batch_size=cfg.logits.batch_size),
         )
         with console.track("logits", len(have) + todo.num_rows, "rows", rows_written(folder)):
-            ds.write_parquet(str(folder), **PARQUET_OPTIONS)
+            # (a run folder in object storage: each block straight into the store, one object
+            # apiece, from whichever node scored it; then its mirror here)
+            ds.write_parquet(storage.location(folder), **PARQUET_OPTIONS)
+        storage.pull(folder)
     if not artifacts.shard_files(folder):
         raise RuntimeError("logits: no rows to score (is the student split empty?)")
     mean, std, failed = add_weights(folder)

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from proxykd import storage
 from proxykd.config import ModelConfig, TinyModelSpec
 
 # A plain chat template: every turn ends with the eos token, the assistant turn opens with a marker.
@@ -67,25 +68,27 @@ def build_tiny_llama(spec: TinyModelSpec, tokenizer, out_dir: str | Path, seed: 
 
 
 def materialize_model(cfg: ModelConfig, out_dir: str | Path, seed: int) -> str:
-    """Return the local Hugging Face folder of the configured model; tiny models are built
-    into `out_dir` once (atomically, so a crash never leaves a half-built model behind)."""
+    """Return the Hugging Face folder of the configured model (its location: `storage.location`);
+    tiny models are built into `out_dir` once (atomically, so a crash never leaves a half-built
+    model behind)."""
     if cfg.path is not None:
         return resolve_model_path(cfg.path, cfg.revision)
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
-        return str(out_dir)
+        return storage.location(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     tokenizer = build_byte_tokenizer(tmp)
     build_tiny_llama(cfg.tiny, tokenizer, tmp, seed)
     os.replace(tmp, out_dir)
-    return str(out_dir)
+    storage.push(out_dir)
+    return storage.location(out_dir)
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(storage.fetch(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -110,7 +113,7 @@ def model_max_length(path: str) -> int:
     """The model's context length (a local folder or a hub id)."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(storage.fetch(path))
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return int(getattr(text_cfg, "max_position_embeddings", None) or 2048)
 

@@ -10,13 +10,12 @@ import hashlib
 import logging
 import os
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from proxykd import align, artifacts, console, distill, evaluate, logits, reaper, teacher
+from proxykd import align, artifacts, console, distill, evaluate, logits, reaper, storage, teacher
 from proxykd.config import RunConfig, fingerprint
 from proxykd.data import build_prompts
 from proxykd.models import check_same_vocab, materialize_model
@@ -160,7 +159,7 @@ class StageNotRun(RuntimeError):
 def initial_models(cfg: RunConfig) -> tuple[str, str]:
     """Proxy and student before any training (tiny ones are built once per spec), and the
     vocabulary check DESIGN.md asks for at start, before any GPU time is spent."""
-    root = Path(cfg.run_dir).resolve() / "models"
+    root = storage.local_path(cfg.run_dir) / "models"
     proxy = materialize_model(cfg.proxy, root / f"proxy-init-{fingerprint(cfg.proxy, cfg.seed)}", cfg.seed)
     student = materialize_model(cfg.student, root / f"student-init-{fingerprint(cfg.student, cfg.seed)}", cfg.seed + 1)
     check_same_vocab(proxy, student)
@@ -225,7 +224,11 @@ def run_upstream(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> Upstream:
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
     last = max(STAGES.index(s) for s in stages)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    run_dir = storage.local_path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # A run folder in object storage: what the store holds (finished stages, what a killed run
+    # left), in this machine's mirror before any stage looks. Ray Train's state stays in the store.
+    storage.pull(run_dir, exclude=("_ray", console.LOG_DIR))
     up = Upstream(cfg)
     if last == 0:
         return up
@@ -259,12 +262,12 @@ def finished_before(manifest: dict, t: float) -> bool:
 
 
 def summary(cfg: RunConfig, manifests: dict) -> str:
-    run_dir = Path(cfg.run_dir).resolve()
-    lines = [f"proxykd run finished: {run_dir}"]
+    run_dir = storage.local_path(cfg.run_dir)
+    lines = [f"proxykd run finished: {cfg.run_dir if storage.is_remote(cfg.run_dir) else run_dir}"]
     for stage in STAGES:
         folder = run_dir / stage
         if (folder / "manifest.json").exists():
-            lines.append(f"  {stage:8s} {folder}")
+            lines.append(f"  {stage:8s} {storage.location(folder)}")
     if "distill" in manifests:
         for name, path in manifests["distill"]["models"].items():
             lines.append(f"  student ({name}): {path}")

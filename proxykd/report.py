@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from proxykd import artifacts, evaluate, logits, pipeline, training
+from proxykd import artifacts, evaluate, logits, pipeline, storage, training
 from proxykd.config import RunConfig, fingerprint
 
 log = logging.getLogger("proxykd")
@@ -135,7 +135,7 @@ class Report:
         self.manifests, self.prompts, self.responses = up.manifests, up.prompts, up.responses
         self.proxy_init, self.student_init = up.initial_models
         self.proxy_aligned = up.proxy
-        sub = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir) / "unaligned")})
+        sub = cfg.model_copy(update={"run_dir": storage.join(cfg.run_dir, "unaligned")})
         unaligned_hash = fingerprint("unaligned", self.proxy_init, up.prompts_hash, self.manifests["teacher"]["responses_hash"])
         self.unaligned_manifest = logits.run(sub, self.prompts, self.responses, self.proxy_init, unaligned_hash)
         self.logits_dirs = {"aligned": artifacts.stage_dir(cfg.run_dir, "logits"),
@@ -158,7 +158,7 @@ class Report:
         for arm, alpha, lr, seed in settings:
             _, objective, source, weighting = ARMS[arm]
             out_dir = self.folder / "arms" / arm / setting_name(arm, alpha, lr, seed)
-            paths.append(str(out_dir / training.MODEL_DIR))
+            paths.append(storage.location(out_dir / training.MODEL_DIR))
             if not (out_dir / training.MODEL_DIR).exists():
                 log.info("report: training %s (%s)", arm, out_dir.name)
                 arms.append(arm)
@@ -244,7 +244,7 @@ class Report:
         for (arm, seed, key), path in zip(runs, paths):
             a, lr = chosen[arm]
             models[key] = path
-            settings[key] = {"alpha": a, "lr": lr, "seed": seed, "dir": str(Path(path).parent)}
+            settings[key] = {"alpha": a, "lr": lr, "seed": seed, "dir": str(storage.local_path(path).parent)}
         references = {"proxy-aligned": self.proxy_aligned, "proxy-unaligned": self.proxy_init, "teacher": "teacher"}
 
         results = self.results("eval", {**models, **references}, eval_rows)
@@ -258,7 +258,7 @@ class Report:
                                                                         rc.bootstrap_samples, cfg.seed)
         curves = {key: training.read_metrics(Path(s["dir"])) for key, s in settings.items()}
         report = {
-            "run_dir": str(Path(cfg.run_dir).resolve()),
+            "run_dir": cfg.run_dir if storage.is_remote(cfg.run_dir) else str(Path(cfg.run_dir).resolve()),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": machine(),
             "teacher": {"base_url": cfg.teacher.base_url, "model": cfg.teacher.model,
@@ -282,7 +282,7 @@ class Report:
         plot_accuracy(report["arms"], self.folder / "accuracy.png")
         plot_curves(curves, self.folder / "curves.png")
         artifacts.write_json_atomic(self.folder / "report.json", report)
-        (self.folder / "report.md").write_text(render_markdown(report))
+        artifacts.write_text_atomic(self.folder / "report.md", render_markdown(report))
         log.info("report: %s", self.folder / "report.md")
         return artifacts.write_manifest(self.folder, "report", self.hash, started,
                                         inputs={"logits": self.manifests["logits"]["config_hash"],
@@ -427,6 +427,7 @@ def plot_accuracy(arms: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    storage.push(path)
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
@@ -449,6 +450,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    storage.push(path)
 
 
 def run(cfg: RunConfig) -> dict:

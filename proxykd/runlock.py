@@ -25,6 +25,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from proxykd import storage
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
@@ -132,7 +134,9 @@ def _locked_message(path: Path, info: dict) -> str:
 
 class RunLock:
     def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir).resolve() / LOCK_NAME
+        # (a run folder in object storage is locked in this machine's mirror of it: two drivers on
+        # one machine are stopped; the store has no conditional create that pyarrow offers)
+        self.path = storage.local_path(run_dir) / LOCK_NAME
         self.token = uuid.uuid4().hex
         self.info: dict = {}
         self.lost = False

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from proxykd import storage
+
 log = logging.getLogger("proxykd")
 
 # vLLM CPU settings forwarded to the engine when the caller has not set them.
@@ -206,8 +208,14 @@ class Target:
 
 
 def run_models(run_dir: str | Path, serve_cfg) -> tuple[dict[str, str], list[str]]:
-    """{name: model folder} of a finished run (see the module docstring), and notes on what is not served."""
-    run_dir = Path(run_dir).resolve()
+    """{name: model folder} of a finished run (see the module docstring), and notes on what is not served.
+    A run folder in object storage: its manifests are read from the store, and the models served
+    are downloaded to this machine's mirror of it."""
+    remote = storage.is_remote(run_dir)
+    run_dir = storage.local_path(run_dir)
+    if remote:
+        for stage in ("distill", "align"):
+            storage.pull(run_dir / stage, exclude=("_ray", "model"))
     notes = []
     distill = _manifest(run_dir / "distill")
     if distill is None or "proxykd" not in (distill.get("models") or {}):
@@ -225,6 +233,7 @@ def run_models(run_dir: str | Path, serve_cfg) -> tuple[dict[str, str], list[str
         if align is None or not align.get("model"):
             raise ServeError(f"{run_dir}: serve.proxy_name is set but the align stage has not run")
         models[serve_cfg.proxy_name] = align["model"]
+    models = {name: storage.fetch(path) for name, path in models.items()}
     for name, path in models.items():
         if not (Path(path) / "config.json").is_file():
             raise ServeError(f"{name}: {path} is not a model folder (no config.json)")
@@ -249,7 +258,7 @@ def resolve_target(target: str, overrides: Optional[list[str]] = None, **serve_o
         s = _serve_config(cfg.serve, **serve_overrides)
         models, notes = run_models(cfg.run_dir, s)
         return Target(models, s, cfg.ray, cfg.resources.use_gpu, cfg.resources.vllm_kv_cache_gb,
-                      f"run {Path(cfg.run_dir).resolve()}", notes)
+                      f"run {cfg.run_dir if storage.is_remote(cfg.run_dir) else Path(cfg.run_dir).resolve()}", notes)
     if not path.is_dir():
         raise ServeError(f"{target}: no such config file, run folder or model folder")
     tree = apply_overrides({}, overrides or [])

@@ -40,7 +40,7 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from proxykd import artifacts
+from proxykd import artifacts, storage
 from proxykd.config import StageResources, TeacherConfig, fingerprint
 from proxykd.data import MESSAGES_TYPE, teacher_style_response
 from proxykd.encode import sample_id
@@ -305,16 +305,23 @@ class TeacherCaller:
         self.governor = governor
         # Ray Data restarts a killed actor under the same actor id and retries its batches on it:
         # the journals of its earlier lives (none for a fresh actor: one glob) say what they bought.
-        actor = _actor_id()
-        self.journaled = _journaled(Path(folder), actor) if actor else {}
-        name = f"journal-{actor}-{uuid.uuid4().hex}.jsonl" if actor else f"journal-{uuid.uuid4().hex}.jsonl"
-        self.journal = open(Path(folder) / name, "a", encoding="utf-8")  # noqa: SIM115
-        artifacts.fsync_dir(Path(folder))  # (the journal's name, so that a machine crash keeps the file)
+        self.folder, self.actor = storage.local_path(folder), _actor_id()
+        self.folder.mkdir(parents=True, exist_ok=True)  # (a node's mirror of a run folder in object storage)
+        self.journaled = _journaled(self.folder, self.actor) if self.actor else {}
+        # A run folder in object storage gets one journal object per batch (uploaded with each sync
+        # and at the batch's end), so that no upload repeats what an earlier one sent.
+        self.segmented = storage.remote_uri(self.folder) is not None
+        self._open_journal()
         self.synced_at = time.monotonic()
         self.rng = random.Random()
         self.paused_until = 0.0
         self.setup_error: Optional[TeacherSetupError] = None
         self.loop = asyncio.new_event_loop()
+
+    def _open_journal(self) -> None:
+        name = f"journal-{self.actor}-{uuid.uuid4().hex}.jsonl" if self.actor else f"journal-{uuid.uuid4().hex}.jsonl"
+        self.journal = open(self.folder / name, "a", encoding="utf-8")  # noqa: SIM115
+        artifacts.fsync_dir(self.folder)  # (the journal's name, so that a machine crash keeps the file)
 
     def _write(self, rows: list[dict]) -> None:
         # One line per sample, flushed at once: a kill -9 loses at most the calls in flight. On disk
@@ -325,10 +332,15 @@ class TeacherCaller:
         self.journal.flush()
         if time.monotonic() - self.synced_at >= JOURNAL_FSYNC_EVERY_S:
             self.synced_at = time.monotonic()
-            self.loop.run_in_executor(None, os.fsync, self.journal.fileno())
+            self.loop.run_in_executor(None, self._sync, self.journal)
 
-    def _sync(self) -> None:
-        os.fsync(self.journal.fileno())
+    def _sync(self, journal=None) -> None:
+        journal = journal or self.journal
+        try:
+            os.fsync(journal.fileno())
+        except ValueError:  # closed: a segment that its batch's end synced already
+            return
+        storage.push(journal.name)  # (a run folder in object storage: the journal so far, there too)
 
     async def _wait_turn(self, est_tokens: int, est_cost: float) -> bool:
         """Sleep until this attempt may be sent; False when the budget is spent."""
@@ -511,7 +523,10 @@ class TeacherCaller:
         try:
             return pa.Table.from_pylist(self.loop.run_until_complete(self._run(rows)), schema=SUMMARY_SCHEMA)
         finally:
-            self._sync()  # what this batch bought is on disk before the driver counts it
+            self._sync()  # what this batch bought is on disk (and in the store) before the driver counts it
+            if self.segmented:
+                self.journal.close()
+                self._open_journal()
 
 
 # ----------------------------------------------------------------------------- storage
@@ -579,6 +594,7 @@ def compact_journals(folder: Path) -> int:
     journal with a line that cannot be read (cut short by a crash, damaged) is quarantined, not
     removed; its readable lines are folded and the requests of the others asked again. Returns
     the rows folded."""
+    storage.pull(folder)  # (journals the actors of other nodes uploaded)
     journals = sorted(Path(folder).glob(JOURNAL_GLOB))
     rows, damaged = [], {}
     for path in journals:
@@ -596,7 +612,7 @@ def compact_journals(folder: Path) -> int:
         if path in damaged:
             artifacts.quarantine(path, f"{damaged[path]} unreadable lines, the others folded into a shard")
         else:
-            path.unlink()
+            artifacts.remove(path)
     artifacts.fsync_dir(Path(folder))
     return len(rows)
 
@@ -837,7 +853,7 @@ def run(cfg: TeacherConfig, prompts: pa.Table, prompts_content_hash: str, run_di
                 summaries = artifacts.to_dataset(todo, batch_size).map_batches(
                     TeacherCaller,
                     fn_constructor_kwargs={"base_url": base_url, "cfg": cfg.model_dump(), "governor": governor,
-                                           "folder": str(folder),
+                                           "folder": storage.location(folder),
                                            "api_key": SecretRef(api_key) if api_key and cfg.base_url else None},
                     batch_format="pyarrow",
                     batch_size=batch_size,

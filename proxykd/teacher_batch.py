@@ -37,7 +37,7 @@ from typing import Iterator, Optional
 
 import pyarrow as pa
 
-from proxykd import artifacts
+from proxykd import artifacts, storage
 from proxykd import teacher as online
 from proxykd.config import TeacherConfig
 
@@ -79,13 +79,14 @@ class Ledger:
         keep = set(self.open_names())
         for path in self.dir.glob("b-*"):
             if path.name.split(".")[0] not in keep:
-                path.unlink()
+                artifacts.remove(path)
 
     def add(self, event: str, name: str, **fields) -> None:
         row = {"event": event, "name": name, "at": time.time(), **fields}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())  # (on disk before anything is done with the id)
+        storage.push(self.path)  # (and in the store, for a run folder there)
         self.events.append(row)
 
     def close(self) -> None:
@@ -294,6 +295,7 @@ class BatchRun:
                 f.flush()
                 os.fsync(f.fileno())
             artifacts.fsync_dir(self.ledger.dir)
+            storage.push(self.ledger.dir / f"{name}.requests.jsonl")
         return name, taken, lines
 
     def _upload(self, name: str, taken: list[dict], lines: list[bytes]) -> None:
@@ -395,7 +397,7 @@ class BatchRun:
         self.totals["prompt_tokens"] += usage[0]
         self.totals["completion_tokens"] += usage[1]
         self.totals[f"batches_{batch.status}"] += 1
-        (self.ledger.dir / f"{name}.requests.jsonl").unlink(missing_ok=True)  # (journaled now)
+        artifacts.remove(self.ledger.dir / f"{name}.requests.jsonl")  # (journaled now)
 
     def _journal(self, name: str, rows: list[dict]) -> None:
         """Rows in the online journal format, on disk (fsynced) before the caller goes on."""
@@ -405,6 +407,7 @@ class BatchRun:
             f.flush()
             os.fsync(f.fileno())
         artifacts.fsync_dir(self.folder)
+        storage.push(path)
 
     def _download(self, file_id: str, name: str) -> Iterator[bytes]:
         """The lines of a provider file, streamed to disk first (output files can be large)."""

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from proxykd import storage
 from proxykd.config import ResourcesConfig, TrainConfig
 
 log = logging.getLogger("proxykd")
@@ -361,7 +362,7 @@ def parquet_index(files: list[str], ids=None) -> RowIndex:
     from concurrent.futures import ThreadPoolExecutor
 
     def one(f: int):
-        pf = pq.ParquetFile(files[f], pre_buffer=False)
+        pf = pq.ParquetFile(storage.open_input(files[f]), pre_buffer=False)
         seq, start = _sequence_columns(pf.schema_arrow.names)
         parts = []
         for g in range(pf.num_row_groups):
@@ -408,10 +409,11 @@ class ParquetRows:
 
     @classmethod
     def from_folder(cls, folder, ids=None) -> "ParquetRows":
-        """A stage folder's shards (`artifacts.shard_files`: a broken shard is quarantined)."""
+        """A stage folder's shards (`artifacts.shard_files`: a broken shard is quarantined), by
+        location: in a run folder in object storage the workers read them from the store."""
         from proxykd import artifacts
 
-        return cls(artifacts.shard_files(folder), ids)
+        return cls([storage.location(f) for f in artifacts.shard_files(folder)], ids)
 
     def index(self) -> RowIndex:
         if self._index is None:
@@ -457,9 +459,10 @@ class ShardReader:
         if pf is None:
             # Small row groups (the logits stage's) are fetched in one coalesced read (pre_buffer:
             # about 30 % faster); big ones column page by page, so memory stays bounded.
-            md = pq.read_metadata(self.files[f])
+            source = storage.open_input(self.files[f])
+            md = pq.read_metadata(source)
             small = all(md.row_group(g).total_byte_size <= 16 << 20 for g in range(md.num_row_groups))
-            pf = pq.ParquetFile(self.files[f], metadata=md, pre_buffer=small, buffer_size=0 if small else 1 << 20)
+            pf = pq.ParquetFile(source, metadata=md, pre_buffer=small, buffer_size=0 if small else 1 << 20)
             while len(self._open) >= self.max_open:
                 self._open.popitem(last=False)
         self._open[f] = pf
@@ -570,7 +573,7 @@ def _build_model(config: dict, tc: TrainConfig):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(tc.seed)  # LoRA's initial A matrices: the same on every worker
-    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(storage.fetch(config["model_path"]), dtype=torch.float32)
     if tc.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -676,7 +679,7 @@ def train_loop(config: dict) -> None:
     tc = TrainConfig(**config["train"])
     objective, name = config["objective"], config["name"]
     device = ray.train.torch.get_device()
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    tokenizer = AutoTokenizer.from_pretrained(storage.fetch(config["model_path"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # The rows: an in-memory table from the object store, or read in place from Parquet files
@@ -710,7 +713,8 @@ def train_loop(config: dict) -> None:
         step, history, attempt = state["step"], state["history"], state["attempt"] + 1
         if rank == 0:
             print(f"[{name}] resumed from step {step} (epoch {step // per_epoch}, batch {step % per_epoch})", flush=True)
-    metrics_path = Path(config["metrics_path"])
+    metrics_path = storage.local_path(config["metrics_path"])  # (this node's mirror, for a run in object storage)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # the live log: what the checkpoint holds, then one line per step
         metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 
@@ -808,6 +812,8 @@ def train_loop(config: dict) -> None:
                              history=history, attempt=attempt)
                 torch.save(state, Path(tmp) / STATE_FILE)
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        if rank == 0:  # (a run folder in object storage: the steps so far, beside the checkpoint)
+            storage.push(metrics_path)
     feed.close()
 
 
@@ -828,8 +834,8 @@ def fit(
     an in-memory table (small ones: align's; it goes to Ray's object store once) or `ParquetRows`
     (a stage's shards, read in place: the workers read only their micro-batches' rows, so a table
     larger than memory or the object store trains in bounded memory). Both give the same batches.
-    `out_dir/_ray` holds Ray Train's run state and checkpoints; rerunning with the same out_dir
-    resumes from them. `out_dir/metrics.jsonl` gets one line per optimizer step as it happens."""
+    `out_dir/_ray` holds Ray Train's run state and checkpoints (in the object store for a run folder
+    there); rerunning with the same out_dir resumes from them. `out_dir/metrics.jsonl` gets one line per optimizer step as it happens."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -846,21 +852,25 @@ def fit(
         source["table"] = ray.put(source["table"])
     config = {"name": name, "objective": objective, "model_path": model_path, "train": train.model_dump(),
               "loss": loss, "index": ray.put(index), **source,
-              "metrics_path": str((out_dir / METRICS_FILE).resolve())}
+              "metrics_path": storage.location((out_dir / METRICS_FILE).resolve())}
     if os.environ.get(KILL_ENV):
         config["kill_at_step"] = int(os.environ[KILL_ENV])
+    # Ray Train keeps its run state and checkpoints in the object store itself for a run folder
+    # there: a rerun on any machine resumes from them.
+    storage_path, storage_fs = storage.train_storage(out_dir / "_ray")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(**scaling_kwargs(resources)),
         run_config=RunConfig(
             name=name,
-            storage_path=str((out_dir / "_ray").resolve()),
+            storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     result = trainer.fit()
+    storage.pull(out_dir / METRICS_FILE)  # (written by rank 0, which may have run on another node)
     final = out_dir / MODEL_DIR
     tmp = out_dir / ".checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -868,6 +878,7 @@ def fit(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp / MODEL_DIR, final)
     shutil.rmtree(tmp)
+    storage.push(final)
     return final
 
 
@@ -935,4 +946,5 @@ def plot_metrics(out_dir: Path, keys: tuple[str, ...] = ("loss", "nll", "kl", "d
     path = out_dir / "loss.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    storage.push(path)
     return path

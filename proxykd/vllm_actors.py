@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from proxykd import storage
 from proxykd.config import ResourcesConfig
 from proxykd.encode import IDS
 
@@ -65,7 +66,7 @@ def engine_shape(model_path: str) -> str:
     """Models with the same shape can share one engine (`VLLMEngine.load`): the same config.json
     and tokenizer files, but for what names the folder or how it was loaded (a trained copy of a
     model re-saves them with such keys). A hub id or a folder without a config is a shape of its own."""
-    folder = Path(model_path)
+    folder = Path(storage.fetch(model_path))
     if not (folder / "config.json").is_file():
         return model_path
     digest = hashlib.sha256()
@@ -114,6 +115,8 @@ class VLLMEngine:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM, SamplingParams
 
+        # (a model in a run folder in object storage: its copy on this node)
+        engine = {**engine, "model": storage.fetch(engine["model"]), "tokenizer": storage.fetch(engine["tokenizer"])}
         self.llm = LLM(**engine)
         self.model = engine["model"]
         self.params = SamplingParams(**sampling) if sampling is not None else None
@@ -122,6 +125,7 @@ class VLLMEngine:
         """Serve another checkpoint of the same shape (`engine_shape`) by swapping its weights in
         place: milliseconds, where a new engine costs half a minute on CPU and minutes on GPU. The
         engine keeps no state from the old weights (prefix caching is off)."""
+        model_path = storage.fetch(model_path)
         if model_path != self.model:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
             self.model = model_path
@@ -301,7 +305,7 @@ class RoundSampler(VLLMEngine):
         super().__init__(engine, kv_cache_gb, sampling)
         from transformers import AutoTokenizer
 
-        self.eos = AutoTokenizer.from_pretrained(engine["tokenizer"]).eos_token_id
+        self.eos = AutoTokenizer.from_pretrained(storage.fetch(engine["tokenizer"])).eos_token_id
         self.max_length = max_length
         self.seed = seed
 

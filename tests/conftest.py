@@ -103,8 +103,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+S3_BUCKET = "proxykd-test"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def object_store(tmp_path_factory):
+    """An S3-compatible server (moto, in a process of its own) on 127.0.0.1 for the session, with
+    bucket S3_BUCKET, and the environment pyarrow reads it from (endpoint, test credentials) and a
+    mirror root of the session's own. Autouse and started before any Ray: the Ray workers of
+    `local_ray` and `ray_head` inherit that environment. Returns the endpoint URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "PROXYKD_MIRROR": str(tmp_path_factory.mktemp("mirror"))})
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{S3_BUCKET}", method="PUT"), timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "the moto S3 server did not start"
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.kill()
+        server.wait()
+
+
 @pytest.fixture(scope="session")
-def ray_head():
+def ray_head(object_store):
     """One `ray start --head` cluster on 127.0.0.1 for the session's job-submission tests: the
     address of its dashboard (http://127.0.0.1:PORT). In a process group of its own, stopped by
     signalling that group (never `ray stop --force`, which would stop every Ray on this machine).
@@ -175,7 +211,7 @@ def stop_process_group(pgid: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def local_ray():
+def local_ray(object_store):
     """One local Ray for the session's in-process tests, on loopback, shut down at the end (a start
     costs 5 to 10 s on 2 cores). Tests that kill a Ray or check what is left of one start their
     own, in a process of their own."""
@@ -305,12 +341,16 @@ def wait_for_job(address: str, job_id: str, timeout_s: float = 900) -> str:
 def pipeline_job(ray_head, tmp_path_factory):
     """The whole pipeline on tiny models, submitted (not waited for) as a Ray job to the session's
     head, from a prompt file with BAD_ROWS among two reasoning-gym tasks, with a dev split and one
-    DPO round. `pipeline_run` waits for it."""
+    DPO round, its run folder in object storage (the session's S3 server: `run_uri`; `run_dir` is
+    the job's mirror of it on this machine, where the tests read it). `pipeline_run` waits for it."""
     import yaml
 
+    from proxykd import storage
+
     root = tmp_path_factory.mktemp("pipeline")
+    run_uri = f"s3://{S3_BUCKET}/pipeline"
     tree = tiny_config(
-        root / "run",
+        run_uri,
         data={"tasks": [{"name": "basic_arithmetic", "size": 60,
                          "kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
                         {"name": "syllogism", "size": 40}],
@@ -330,8 +370,8 @@ def pipeline_job(ray_head, tmp_path_factory):
     config.write_text(yaml.safe_dump(tree))
     from proxykd import jobs
 
-    return {"cluster": ray_head, "config": config, "tree": tree, "run_dir": root / "run", "bad": bad,
-            "job_id": jobs.submit(config, ray_head)}
+    return {"cluster": ray_head, "config": config, "tree": tree, "run_dir": storage.local_path(run_uri),
+            "run_uri": run_uri, "bad": bad, "job_id": jobs.submit(config, ray_head)}
 
 
 @pytest.fixture(scope="session")

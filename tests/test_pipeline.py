@@ -3,6 +3,7 @@
 DESIGN.md, then a rerun that skips every stage."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import BAD_ROWS, submit_and_wait, unexpected_tracebacks
+from proxykd import storage
 from proxykd.artifacts import shard_files
 
 STAGES = ["prompts", "teacher", "align", "logits", "distill", "eval"]
@@ -93,7 +95,8 @@ def test_align_rounds_and_logits_contract(run):
     # the handed-on proxy is the one with the best held-out teacher log-likelihood (align.select)
     best = max(points, key=lambda p: p["teacher_ll"])["model"]
     assert align["selected"]["model"] == best and align["model"].endswith(f"{best}/model")
-    assert Path(align["model"], "config.json").exists()
+    assert align["model"] == f"{run['run_uri']}/align/{best}/model"  # by its location in the store
+    assert Path(storage.fetch(align["model"]), "config.json").exists()
 
     files = shard_files(run["run_dir"] / "logits")
     assert len(files) > 1  # written block by block, not as one file at the end
@@ -123,12 +126,13 @@ def test_students_are_loadable_checkpoints_with_metrics(run):
     models = manifest(run, "distill")["models"]
     assert set(models) == {"proxykd", "baseline"}
     for name, path in models.items():
-        AutoModelForCausalLM.from_pretrained(path)
-        AutoTokenizer.from_pretrained(path)
-        metrics = [json.loads(line) for line in (Path(path).parent / "metrics.jsonl").read_text().splitlines()]
+        AutoModelForCausalLM.from_pretrained(storage.fetch(path))
+        AutoTokenizer.from_pretrained(storage.fetch(path))
+        folder = storage.local_path(path).parent
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         assert metrics and all(np.isfinite(r["loss"]) for r in metrics)
         assert ("kl" in metrics[-1]) == (name == "proxykd")
-        assert (Path(path).parent / "loss.png").stat().st_size > 1000
+        assert (folder / "loss.png").stat().st_size > 1000
 
 
 def test_eval_results_and_report(run):
@@ -154,3 +158,50 @@ def test_rerun_skips_every_finished_stage(run):
     for stage in STAGES[1:]:
         assert f"{stage}: done already" in out and f"{stage}: done in" not in out
     assert {s: manifest(run, s)["finished_at"] for s in STAGES} == before
+
+
+def test_the_run_folder_is_in_the_object_store_and_a_fresh_machine_finds_it_done(run, tmp_path, monkeypatch):
+    """The job's run folder is `s3://...` (the session's S3 server): every artifact is in the store
+    as the job's mirror holds it, the teacher's journals are folded, and a machine with an empty
+    mirror sees every stage done (`proxykd status`) and skips them all (`proxykd run`)."""
+    import os
+    import subprocess
+    import sys
+
+    from pyarrow import fs as pafs
+
+    fs, key = storage.filesystem(run["run_uri"])
+    stored = {i.path[len(key) + 1:]: i.size for i in fs.get_file_info(pafs.FileSelector(key, recursive=True))
+              if i.type == pafs.FileType.File}
+    for stage in STAGES:
+        with fs.open_input_stream(f"{key}/{stage}/manifest.json") as f:
+            assert json.loads(f.read()) == manifest(run, stage)
+    local = {p.relative_to(run["run_dir"]).as_posix(): p.stat().st_size for p in run["run_dir"].rglob("*")
+             if p.is_file() and not p.name.startswith(".") and p.parts[-2] != "logs" and "report" not in p.parts
+             and "unaligned" not in p.parts}
+    missing = {name for name in local if name not in stored and name != ".proxykd-run.lock"}
+    assert not missing, sorted(missing)[:20]
+    assert any(n.startswith("distill/_ray/") for n in stored)  # Ray Train's checkpoints, in the store itself
+    assert not any(n.startswith("teacher/journal-") for n in stored)
+
+    env = {**os.environ, storage.MIRROR_ENV: str(tmp_path / "fresh")}
+    status = subprocess.run([sys.executable, "-m", "proxykd.cli", "status", run["run_uri"]], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    for stage in STAGES:
+        assert re.search(rf"^\s*{stage}\s+done\b", status.stdout, re.M), status.stdout
+    again = subprocess.run([sys.executable, "-m", "proxykd.cli", "run", str(run["config"])], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
+    out = again.stdout + again.stderr
+    for stage in STAGES[1:]:
+        assert f"{stage}: done already" in out and f"{stage}: done in" not in out, out[-3000:]
+
+    # `proxykd serve` of the run from that machine: the student's model, downloaded there
+    from proxykd.config import parse_config
+    from proxykd.serving import run_models
+
+    monkeypatch.setenv(storage.MIRROR_ENV, str(tmp_path / "serve"))
+    models, _ = run_models(run["run_uri"], parse_config(run["tree"]).serve)
+    student = models[parse_config(run["tree"]).serve.model_name]
+    assert student.startswith(str(tmp_path / "serve")) and Path(student, "config.json").is_file()

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from proxykd import report, training
+from proxykd import artifacts, report, storage, training
 from proxykd.artifacts import read_shards
 from proxykd.config import parse_config
 
@@ -21,17 +21,17 @@ def done(pipeline_run, local_ray):
     by question, one DPO round): its stages up to logits are done for this config, so the report
     adds the unaligned proxy's logits, the arms and their evals."""
     cfg = parse_config(pipeline_run["tree"])
-    upstream = {s: json.loads((Path(cfg.run_dir) / s / "manifest.json").read_text())["finished_at"]
+    upstream = {s: json.loads((storage.local_path(cfg.run_dir) / s / "manifest.json").read_text())["finished_at"]
                 for s in ("prompts", "teacher", "align", "logits")}
     manifest = report.run(cfg)
-    return cfg, manifest, Path(cfg.run_dir) / "report", upstream
+    return cfg, manifest, storage.local_path(cfg.run_dir) / "report", upstream
 
 
 def test_the_report_goes_on_from_the_runs_stages_without_redoing_them(done):
     cfg, manifest, folder, upstream = done
-    assert {s: json.loads((Path(cfg.run_dir) / s / "manifest.json").read_text())["finished_at"]
+    assert {s: json.loads((storage.local_path(cfg.run_dir) / s / "manifest.json").read_text())["finished_at"]
             for s in upstream} == upstream
-    assert (Path(cfg.run_dir) / "unaligned" / "logits" / "manifest.json").exists()  # the report's own
+    assert (storage.local_path(cfg.run_dir) / "unaligned" / "logits" / "manifest.json").exists()  # the report's own
 
 
 def test_every_arm_is_reported_on_the_same_eval_items(done):
@@ -74,13 +74,13 @@ def test_hyperparameters_are_picked_on_dev_items_that_are_not_eval_items(done):
     dev = [c for c in rep["hyperparameters"]["dev"] if c["arm"] == "blackbox-kd"]
     assert sorted(c["lr"] for c in dev) == [1e-3, 3e-3]
     assert rep["hyperparameters"]["chosen"]["blackbox-kd"]["lr"] == report.pick_best(dev)["lr"]
-    prompts = pq.read_table(cfg.run_dir + "/prompts/prompts.parquet")
+    prompts = pq.read_table(storage.local_path(cfg.run_dir) / "prompts" / "prompts.parquet")
     dev_ids = set(pq.read_table(next((folder / "results" / "dev").glob("*.parquet")))["id"].to_pylist())
     eval_ids = set(pq.read_table(folder / "results" / "eval" / "proxykd.parquet")["id"].to_pylist())
     assert dev_ids and not dev_ids & eval_ids
     text = lambda ids: {json.dumps(m) for m in prompts.filter(pc.is_in(prompts["id"], pa.array(sorted(ids))))["messages"].to_pylist()}  # noqa: E731
     assert not text(dev_ids) & text(eval_ids)  # disjoint by content too (split_by: question)
-    train_ids = set(read_shards(Path(cfg.run_dir) / "logits", ["id"])["id"].to_pylist())
+    train_ids = set(read_shards(storage.local_path(cfg.run_dir) / "logits", ["id"])["id"].to_pylist())
     assert not train_ids & (eval_ids | dev_ids)
 
 
@@ -90,8 +90,9 @@ def test_a_rerun_is_skipped_and_a_killed_report_redoes_only_what_is_missing(done
     kept = folder / "results" / "eval" / "blackbox-kd.parquet"
     lost = folder / "results" / "eval" / "proxykd.parquet"
     before = kept.stat().st_mtime_ns, (folder / "arms").stat().st_mtime_ns
-    lost.unlink()
-    (folder / "manifest.json").unlink()  # as a kill before the end leaves it
+    # as a kill before the end leaves it: neither here nor in the store (the run folder is in S3)
+    artifacts.remove(lost)
+    artifacts.remove(folder / "manifest.json")
     again = report.run(cfg)
     assert lost.exists() and kept.stat().st_mtime_ns == before[0]
     assert again["table"] == manifest["table"]  # greedy generation of the same model: the same scores

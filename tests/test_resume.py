@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import (kill_ray_session, ray_session_of, run_logs, session_processes, student_split, tiny_config,
-                      unexpected_tracebacks)
+from conftest import (S3_BUCKET, kill_ray_session, ray_session_of, run_logs, session_processes, student_split,
+                      tiny_config, unexpected_tracebacks)
 
 from proxykd import artifacts
 from proxykd.config import ModelConfig, TinyModelSpec
@@ -65,52 +66,70 @@ def _assert_clean_end(out: str, run_dir) -> None:
     assert not tracebacks, "\n\n".join(tracebacks)
 
 
-def test_align_killed_mid_warmup_resumes_from_checkpoint(tmp_path, local_ray):
-    from proxykd import pipeline
+def test_align_killed_mid_warmup_in_object_storage_resumes_on_a_fresh_machine(tmp_path, local_ray, object_store):
+    """The run folder in S3 (the session's moto server): the warm-up is killed mid-training and
+    resumed by a run whose local mirror is empty (another machine, as after losing the head), from
+    the last Ray Train checkpoint in the store; every artifact ends up in the store."""
+    from pyarrow import fs as pafs
+
+    from proxykd import pipeline, storage
     from proxykd.config import parse_config
 
+    uri = f"s3://{S3_BUCKET}/resume-{uuid.uuid4().hex[:8]}"
     config = tmp_path / "config.yaml"
-    # Rounds resume from their saved parts (tests/test_align.py); here the warm-up is killed
-    # mid-training and resumes from its last Ray Train checkpoint.
     # (nothing held out: no vLLM engine to measure alignment, which is not what is tested here)
-    tree = tiny_config(tmp_path / "run", align={"rounds": 0, "heldout_fraction": 0.0,
-                                                "warmup": {"epochs": 6, "batch_size": 4, "checkpoint_every_steps": 2}})
+    tree = tiny_config(uri, align={"rounds": 0, "heldout_fraction": 0.0,
+                                   "warmup": {"epochs": 6, "batch_size": 4, "checkpoint_every_steps": 2}})
     config.write_text(yaml.safe_dump(tree))
     # the stages before align, on this session's Ray: the CLI runs below are the ones that matter
     pipeline.run(parse_config(tree), ("prompts", "teacher"))
 
     killed_log = tmp_path / "align-killed.log"
     proc = _proxykd("align", str(config), log=killed_log)
-    ckpts = tmp_path / "run" / "align" / "warmup" / "_ray" / "align-warmup"
+    fs, snapshot = storage.filesystem(f"{uri}/align/warmup/_ray/align-warmup/checkpoint_manager_snapshot.json")
     deadline = time.time() + 300
-    snapshot = ckpts / "checkpoint_manager_snapshot.json"
 
-    def registered() -> bool:  # Ray Train has recorded a finished checkpoint
+    def registered() -> bool:  # Ray Train has recorded a finished checkpoint, in the store
         try:
-            return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+            with fs.open_input_stream(snapshot) as f:
+                return json.loads(f.read()).get("latest_checkpoint_result") is not None
         except (OSError, ValueError):
             return False
 
     while not registered() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert registered(), "no checkpoint appeared"
+        time.sleep(0.5)
+    assert registered(), "no checkpoint appeared in the store"
     _kill_driver(proc, killed_log)
-    assert not (tmp_path / "run" / "align" / "manifest.json").exists()
-    assert not (tmp_path / "run" / "align" / "warmup" / "model").exists()
+    assert fs.get_file_info(snapshot.replace("_ray/align-warmup/checkpoint_manager_snapshot.json", "model")).type \
+        == pafs.FileType.NotFound
 
-    again = _proxykd("align", str(config))
+    fresh = tmp_path / "fresh-mirror"
+    again = _proxykd("align", str(config), env={**os.environ, storage.MIRROR_ENV: str(fresh)})
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-5000:]
-    _assert_clean_end(out, tmp_path / "run")
+    run_dir = fresh / "s3" / uri.split("://")[1]
+    _assert_clean_end(out, run_dir)
     # (a Ray Train worker's line: in the run's workers.log, no longer on the console)
-    assert "[align-warmup] resumed from step" in run_logs(tmp_path / "run")[1]
-    manifest = json.loads((tmp_path / "run" / "align" / "manifest.json").read_text())
-    assert manifest["model"].endswith("warmup/model")
-    metrics = [json.loads(l) for l in (tmp_path / "run" / "align" / "warmup" / "metrics.jsonl").read_text().splitlines()]
+    assert "[align-warmup] resumed from step" in run_logs(run_dir)[1]
+    # the manifest, model and metrics in the store; the manifest names the model by its URI
+    manifest = json.loads(_read(fs, f"{uri}/align/manifest.json"))
+    assert manifest["model"] == f"{uri}/align/warmup/model"
+    assert fs.get_file_info(storage.filesystem(f"{uri}/align/warmup/model/config.json")[1]).type == pafs.FileType.File
+    metrics = [json.loads(line) for line in _read(fs, f"{uri}/align/warmup/metrics.jsonl").splitlines()]
     # every step exactly once across the two processes: no repeated or skipped epoch
     assert [m["epoch"] for m in metrics] == sorted(m["epoch"] for m in metrics)
     assert sorted({m["epoch"] for m in metrics}) == list(range(6))
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
+    # the killed run's machine (this mirror) follows the store once it pulls
+    storage.pull(storage.local_path(uri) / "align", exclude=("_ray", "model"))
+    assert json.loads((storage.local_path(uri) / "align" / "manifest.json").read_text()) == manifest
+
+
+def _read(fs, uri: str) -> str:
+    from proxykd import storage
+
+    with fs.open_input_stream(storage.filesystem(uri)[1]) as f:
+        return f.read().decode()
 
 
 # The logits stage alone, on hand-made inputs (vLLM engine code must run from a file: spawn).
