@@ -152,10 +152,12 @@ def begin_stage(folder: Path, config_hash: str, keep_stale: bool = False) -> Non
     remove(folder / "manifest.json")
     marker = folder / ".config_hash"
     if marker.exists() and marker.read_text() != config_hash and not keep_stale:
-        for child in folder.iterdir():
-            if QUARANTINE_MARK in child.name:  # kept for a human, whatever the config
+        # (in object storage also what is only there: Ray Train's checkpoints of the old config)
+        for name in sorted({child.name for child in folder.iterdir()} | set(storage.children(folder))):
+            if QUARANTINE_MARK in name:  # kept for a human, whatever the config
                 continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            child = folder / name
+            shutil.rmtree(child) if child.is_dir() else child.unlink(missing_ok=True)
             storage.delete(child)
         log.info("%s: config changed, previous partial work dropped", folder.name)
     write_text_atomic(marker, config_hash)

@@ -131,6 +131,18 @@ def delete(path: str | os.PathLike) -> None:
         fs.delete_dir(key)
 
 
+def children(path: str | os.PathLike) -> list[str]:
+    """Names of the files and folders directly under a mirror folder in the store (Ray Train's
+    `_ray` state, for one, is only there); [] outside a mirror."""
+    uri = remote_uri(path)
+    if uri is None:
+        return []
+    from pyarrow import fs as pafs
+
+    fs, key = filesystem(uri)
+    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))]
+
+
 def _download(fs, key: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.pull-{uuid.uuid4().hex[:8]}")

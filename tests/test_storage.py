@@ -75,10 +75,15 @@ def test_state_files_follow_the_store(run_uri):
     storage.delete(folder / "manifest.json")  # the stage was begun again elsewhere
     storage.pull(folder)
     assert not (folder / "manifest.json").exists() and not artifacts.is_done(folder, "h1")
-    # begin_stage with a new config drops the old work here and in the store
+    # begin_stage with a new config drops the old work here and in the store, also what is only
+    # there (Ray Train's state), but not a quarantined file
     artifacts.write_table_atomic(__import__("pyarrow").table({"id": ["x"]}), folder / "part-0.parquet")
+    fs, key = storage.filesystem(run_uri + "/eval")
+    for name in ("_ray/distill/checkpoint_000001/state.pt", "part-9.parquet.unreadable-20260101T000000Z"):
+        with fs.open_output_stream(f"{key}/{name}") as out:
+            out.write(b"x")
     artifacts.begin_stage(folder, "h2")
-    assert set(remote_files(run_uri + "/eval")) == {".config_hash"}
+    assert set(remote_files(run_uri + "/eval")) == {".config_hash", "part-9.parquet.unreadable-20260101T000000Z"}
     assert remote_files(run_uri + "/eval")[".config_hash"] == b"h2"
 
 
