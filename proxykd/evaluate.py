@@ -52,17 +52,25 @@ def evaluate_models(cfg: RunConfig, models: dict[str, str], rows: pa.Table) -> p
     return artifacts.collect(ds, "answers", table.num_rows)
 
 
+def known_mean(values) -> float:
+    """The mean of the values that are not NaN (or None); NaN, without numpy's warning, when none is."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if len(v) else math.nan
+
+
 def report_table(results: pa.Table) -> str:
     lines = ["| model | samples | accuracy | mean score | teacher ll/token | teacher top-1 |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name in results["model"].unique().to_pylist():
         r = results.filter(pc.equal(results["model"], name))
-        scores = r["score"].to_numpy()
+        scores = r["score"].to_numpy(zero_copy_only=False).astype(float)
         scored = scores[~np.isnan(scores)]  # rows without a reference have no score
         acc = float(np.mean(scored >= 1.0)) if len(scored) else math.nan
-        ll, top1 = np.nanmean(r["teacher_ll"].to_numpy()), np.nanmean(r["teacher_top1"].to_numpy())
+        # (the teacher's own rows have no teacher ll: "–", not a NaN warning)
+        ll, top1 = (known_mean(r[c].to_numpy(zero_copy_only=False)) for c in ("teacher_ll", "teacher_top1"))
         fmt = lambda v: "–" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {name} | {r.num_rows} | {acc:.3f} | {float(np.nanmean(scores)):.3f} | {fmt(ll)} | {fmt(top1)} |")
+        lines.append(f"| {name} | {r.num_rows} | {acc:.3f} | {known_mean(scores):.3f} | {fmt(ll)} | {fmt(top1)} |")
     return "\n".join(lines)
 
 

@@ -88,11 +88,10 @@ def accuracy_summary(results: pa.Table) -> dict:
     lo, hi = wilson_interval(int(right.sum()), len(right))
     tasks = [str(t) for t in results["task"].to_pylist()]  # rows without a task group under "None"
     per_task = {t: float(np.mean([r for r, tt in zip(right, tasks) if tt == t])) for t in sorted(set(tasks))}
-    ll = results["teacher_ll"].to_numpy(zero_copy_only=False)
-    top1 = results["teacher_top1"].to_numpy(zero_copy_only=False)
-    nan_mean = lambda v: None if np.all(np.isnan(v)) else float(np.nanmean(v))  # noqa: E731
+    means = {c: evaluate.known_mean(results[c].to_numpy(zero_copy_only=False)) for c in ("teacher_ll", "teacher_top1")}
     return {"accuracy": float(right.mean()) if len(right) else math.nan, "lo": lo, "hi": hi, "n": len(right),
-            "right": int(right.sum()), "per_task": per_task, "teacher_ll": nan_mean(ll), "teacher_top1": nan_mean(top1)}
+            "right": int(right.sum()), "per_task": per_task,
+            **{c: None if math.isnan(m) else m for c, m in means.items()}}  # (None: the teacher's own rows)
 
 
 def correct_by_id(results: pa.Table) -> dict[str, float]:

@@ -54,6 +54,21 @@ def test_accuracy_summary_counts_only_full_scores_and_splits_by_task():
     assert untasked["per_task"] == {"None": 0.5, "y": 0.5}  # file rows without a task still count
 
 
+def test_the_eval_table_shows_a_dash_where_nothing_is_known_and_warns_nothing():
+    import warnings
+
+    from proxykd.evaluate import known_mean, report_table
+
+    assert known_mean([1.0, math.nan, 3.0]) == 2.0 and math.isnan(known_mean([math.nan, None]))
+    results = pa.table({"model": ["teacher", "teacher", "s", "s"], "score": [1.0, 1.0, 1.0, None],
+                        "teacher_ll": [None, None, -1.0, -2.0], "teacher_top1": [None, None, 0.5, 1.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (numpy's "Mean of empty slice" would raise here)
+        table = report_table(results)
+    assert "| teacher | 2 | 1.000 | 1.000 | – | – |" in table
+    assert "| s | 2 | 1.000 | 1.000 | -1.500 | 0.750 |" in table  # accuracy over the scored row only
+
+
 def test_pick_best_prefers_accuracy_then_teacher_likelihood_then_order():
     c = [{"lr": 1, "accuracy": 0.4, "teacher_ll": -1.0}, {"lr": 2, "accuracy": 0.5, "teacher_ll": -3.0},
          {"lr": 3, "accuracy": 0.5, "teacher_ll": -2.0}, {"lr": 4, "accuracy": 0.5, "teacher_ll": -2.0}]
