@@ -151,16 +151,19 @@ def _download(fs, key: str, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def pull(path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> int:
+def pull(path: str | os.PathLike, exclude: tuple[str, ...] = (), match: str = "*") -> int:
     """Bring a mirror folder (or file) up to date with the store: files missing here or of another
     size are downloaded, `STATE_FILES` always follow the store (removed here when the store has
-    none); folders named in `exclude` are skipped. Local files the store lacks are kept (a stage
-    may not have uploaded them yet). Returns the files downloaded."""
+    none); folders named in `exclude` are skipped, and files whose name does not match the glob
+    `match`. Local files the store lacks are kept (a stage may not have uploaded them yet).
+    Returns the files downloaded."""
     uri = remote_uri(path)
-    return 0 if uri is None else _pull(uri, Path(path), exclude)
+    return 0 if uri is None else _pull(uri, Path(path), exclude, match)
 
 
-def _pull(uri: str, path: Path, exclude: tuple[str, ...] = ()) -> int:
+def _pull(uri: str, path: Path, exclude: tuple[str, ...] = (), match: str = "*") -> int:
+    import fnmatch
+
     from pyarrow import fs as pafs
 
     fs, key = filesystem(uri)
@@ -174,7 +177,8 @@ def _pull(uri: str, path: Path, exclude: tuple[str, ...] = ()) -> int:
     if top.type == pafs.FileType.Directory:
         for info in fs.get_file_info(pafs.FileSelector(key, recursive=True)):
             rel = info.path[len(key) + 1:]
-            if info.type == pafs.FileType.File and not set(rel.split("/")[:-1]) & set(exclude):
+            if (info.type == pafs.FileType.File and not set(rel.split("/")[:-1]) & set(exclude)
+                    and fnmatch.fnmatch(info.base_name, match)):
                 remote[rel] = info.size
     got = 0
     for rel, size in remote.items():
@@ -183,7 +187,7 @@ def _pull(uri: str, path: Path, exclude: tuple[str, ...] = ()) -> int:
             _download(fs, f"{key}/{rel}", dest)
             got += 1
     if path.is_dir():  # a state file the store no longer has (the stage restarted elsewhere)
-        for name in STATE_FILES:
+        for name in fnmatch.filter(STATE_FILES, match):
             for f in path.rglob(name):
                 rel = f.relative_to(path).as_posix()
                 if rel not in remote and not set(rel.split("/")[:-1]) & set(exclude):

@@ -307,6 +307,8 @@ class TeacherCaller:
         # the journals of its earlier lives (none for a fresh actor: one glob) say what they bought.
         self.folder, self.actor = storage.local_path(folder), _actor_id()
         self.folder.mkdir(parents=True, exist_ok=True)  # (a node's mirror of a run folder in object storage)
+        if self.actor:  # (restarted on another node: its earlier lives' journals, from the store)
+            storage.pull(self.folder, match=f"journal-{self.actor}-*.jsonl")
         self.journaled = _journaled(self.folder, self.actor) if self.actor else {}
         # A run folder in object storage gets one journal object per batch (uploaded with each sync
         # and at the batch's end), so that no upload repeats what an earlier one sent.

@@ -66,6 +66,10 @@ def test_artifacts_written_in_a_mirror_reach_the_store_and_a_fresh_mirror_gets_t
     assert artifacts.is_done(fresh, "h1") and not (fresh / "_ray").exists()
     assert artifacts.read_shards(fresh)["id"].to_pylist() == ["a", "b"]
     assert storage.pull(fresh, exclude=("_ray",)) == 2  # the same files are not downloaded again; state files are
+    other = tmp_path / "other"
+    monkeypatch.setenv(storage.MIRROR_ENV, str(other))  # a third machine wants only the shards
+    assert storage.pull(artifacts.stage_dir(run_uri, "logits"), match="part-*.parquet") == 1
+    assert [p.name for p in artifacts.stage_dir(run_uri, "logits").iterdir()] == ["part-0.parquet"]
 
 
 def test_state_files_follow_the_store(run_uri):
