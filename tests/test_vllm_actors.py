@@ -1,5 +1,7 @@
 """vLLM engines (the same classes the Ray Data actors run) against a plain transformers forward."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -298,6 +300,13 @@ def test_engine_shape_groups_checkpoints_one_engine_can_serve(model, tmp_path):
                                                        .replace("}", ', "model_max_length": 64}', 1))
     assert engine_shape(str(retokenised)) != engine_shape(model)  # another tokenizer setting: its own engine
     assert engine_shape("org/hub-model") == "org/hub-model"
+    # two copies of one model whose head is tied to its embeddings: an engine each (a swap would
+    # keep the first one's packed head on CPU)
+    for name in ("tied-a", "tied-b"):
+        shutil.copytree(same, tmp_path / name)
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    assert engine_shape(str(tmp_path / "tied-a")) == str(tmp_path / "tied-a") != engine_shape(str(tmp_path / "tied-b"))
 
 
 def test_evaluator_swaps_models_of_one_shape_in_place(model, evaluator, reference, tmp_path):
