@@ -37,6 +37,7 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -567,6 +568,14 @@ def _rss_mb() -> float:
 
 # ---------------------------------------------------------------- the worker loop ----
 
+def say(line: str) -> None:
+    """One line of the worker's live log, written once. Ray Train patches `print` in its workers to
+    write to stdout *and* log to stderr (Ray wraps the worker's stdout), and Ray forwards both, so
+    every printed step line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _build_model(config: dict, tc: TrainConfig):
     import ray.train.torch
     import torch
@@ -712,7 +721,7 @@ def train_loop(config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         step, history, attempt = state["step"], state["history"], state["attempt"] + 1
         if rank == 0:
-            print(f"[{name}] resumed from step {step} (epoch {step // per_epoch}, batch {step % per_epoch})", flush=True)
+            say(f"[{name}] resumed from step {step} (epoch {step // per_epoch}, batch {step % per_epoch})")
     metrics_path = storage.local_path(config["metrics_path"])  # (this node's mirror, for a run in object storage)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # the live log: what the checkpoint holds, then one line per step
@@ -791,9 +800,9 @@ def train_loop(config: dict) -> None:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if step % 10 == 0 or step == 1 or step == total:
-                print(f"[{name}] epoch {epoch} step {step}/{total} "
-                      + " ".join(f"{k} {parts[k]:.4f}" for k in sorted(parts))
-                      + f" lr {lr:.2e} tok/s {row['tokens_per_s']:.0f}", flush=True)
+                say(f"[{name}] epoch {epoch} step {step}/{total} "
+                    + " ".join(f"{k} {parts[k]:.4f}" for k in sorted(parts))
+                    + f" lr {lr:.2e} tok/s {row['tokens_per_s']:.0f}")
 
         # Only checkpoints go through ray.train.report: a report waits until Ray Train's
         # controller polls the worker (every 2 s by default), which would cap training at about
