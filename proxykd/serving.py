@@ -248,18 +248,19 @@ def _manifest(folder: Path) -> Optional[dict]:
 
 
 def resolve_target(target: str, overrides: Optional[list[str]] = None, **serve_overrides) -> Target:
-    """A run config (YAML file), a run folder or a model folder, with `--set` overrides (a run
-    config's keys; for folders only `serve.*`) and command-line serve keys (None: not given)."""
+    """A run config (YAML file), a run folder (a path, or `s3://`/`gs://` for one in object storage)
+    or a model folder, with `--set` overrides (a run config's keys; for folders only `serve.*`) and
+    command-line serve keys (None: not given)."""
     from proxykd.config import ConfigError, RayConfig, ServeConfig, apply_overrides, load_config
 
-    path = Path(target)
-    if path.is_file():
+    path, remote = Path(target), storage.is_remote(target)
+    if not remote and path.is_file():
         cfg = load_config(path, overrides)
         s = _serve_config(cfg.serve, **serve_overrides)
         models, notes = run_models(cfg.run_dir, s)
         return Target(models, s, cfg.ray, cfg.resources.use_gpu, cfg.resources.vllm_kv_cache_gb,
                       f"run {cfg.run_dir if storage.is_remote(cfg.run_dir) else Path(cfg.run_dir).resolve()}", notes)
-    if not path.is_dir():
+    if not remote and not path.is_dir():
         raise ServeError(f"{target}: no such config file, run folder or model folder")
     tree = apply_overrides({}, overrides or [])
     if set(tree) - {"serve"}:
@@ -268,10 +269,10 @@ def resolve_target(target: str, overrides: Optional[list[str]] = None, **serve_o
         s = _serve_config(ServeConfig.model_validate(tree.get("serve", {})), **serve_overrides)
     except ValueError as e:
         raise ConfigError(f"invalid serve settings: {e}") from None
-    if (path / "config.json").is_file():
+    if not remote and (path / "config.json").is_file():
         return Target({s.model_name: str(path.resolve())}, s, RayConfig(), source=f"model {path.resolve()}")
-    models, notes = run_models(path, s)
-    return Target(models, s, RayConfig(), source=f"run {path.resolve()}", notes=notes)
+    models, notes = run_models(target if remote else path, s)
+    return Target(models, s, RayConfig(), source=f"run {target if remote else path.resolve()}", notes=notes)
 
 
 def build_target_app(target: Target):

@@ -198,11 +198,12 @@ def test_the_run_folder_is_in_the_object_store_and_a_fresh_machine_finds_it_done
     for stage in STAGES[1:]:
         assert f"{stage}: done already" in out and f"{stage}: done in" not in out, out[-3000:]
 
-    # `proxykd serve` of the run from that machine: the student's model, downloaded there
-    from proxykd.config import parse_config
-    from proxykd.serving import run_models
+    # `proxykd serve s3://...` from that machine: the run's student, downloaded there
+    from proxykd.config import ServeConfig
+    from proxykd.serving import resolve_target
 
     monkeypatch.setenv(storage.MIRROR_ENV, str(tmp_path / "serve"))
-    models, _ = run_models(run["run_uri"], parse_config(run["tree"]).serve)
-    student = models[parse_config(run["tree"]).serve.model_name]
+    target = resolve_target(run["run_uri"])
+    student = target.models[ServeConfig().model_name]
+    assert target.source == f"run {run['run_uri']}"
     assert student.startswith(str(tmp_path / "serve")) and Path(student, "config.json").is_file()
