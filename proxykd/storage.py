@@ -167,6 +167,7 @@ def _pull(uri: str, path: Path, exclude: tuple[str, ...] = (), match: str = "*")
     from pyarrow import fs as pafs
 
     fs, key = filesystem(uri)
+    excluded = lambda rel: bool(set(rel.split("/")[:-1]) & set(exclude))  # noqa: E731 - in a folder named in `exclude`
     top = fs.get_file_info(key)
     if top.type == pafs.FileType.File:
         if not path.exists() or path.stat().st_size != top.size:
@@ -177,8 +178,7 @@ def _pull(uri: str, path: Path, exclude: tuple[str, ...] = (), match: str = "*")
     if top.type == pafs.FileType.Directory:
         for info in fs.get_file_info(pafs.FileSelector(key, recursive=True)):
             rel = info.path[len(key) + 1:]
-            if (info.type == pafs.FileType.File and not set(rel.split("/")[:-1]) & set(exclude)
-                    and fnmatch.fnmatch(info.base_name, match)):
+            if info.type == pafs.FileType.File and not excluded(rel) and fnmatch.fnmatch(info.base_name, match):
                 remote[rel] = info.size
     got = 0
     for rel, size in remote.items():
@@ -190,7 +190,7 @@ def _pull(uri: str, path: Path, exclude: tuple[str, ...] = (), match: str = "*")
         for name in fnmatch.filter(STATE_FILES, match):
             for f in path.rglob(name):
                 rel = f.relative_to(path).as_posix()
-                if rel not in remote and not set(rel.split("/")[:-1]) & set(exclude):
+                if rel not in remote and not excluded(rel):
                     f.unlink()
     return got
 
@@ -222,7 +222,8 @@ def train_storage(path: str | os.PathLike) -> tuple[str, object]:
     uri = remote_uri(path)
     if uri is None:
         return str(Path(path).resolve()), None
-    return filesystem(uri)[1], filesystem(uri)[0]
+    fs, key = filesystem(uri)
+    return key, fs
 
 
 def open_input(location: str | os.PathLike):
